@@ -97,6 +97,10 @@ class MoEConfig:
             raise ValueError(f"moe_layers {self.moe_layers} must lie in [0, {self.n_layers})")
         if len(self.moe_layers) < self.n_layers and self.d_mlp is None:
             raise ValueError("d_mlp is required when some layers are dense")
+        if self.router_dtype not in ("float32", "model"):
+            raise ValueError(f"router_dtype must be 'float32' or 'model', got '{self.router_dtype}'")
+        if isinstance(self.eos_token_id, (list, tuple)):
+            self.eos_token_id = self.eos_token_id[0] if self.eos_token_id else None
         self.moe_layers = tuple(sorted(self.moe_layers))
 
     @property

@@ -1,0 +1,143 @@
+"""Llama-style causal self-attention: rotary, grouped-query heads, optional bias and q/k norm."""
+
+from __future__ import annotations
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import nn
+
+from moe_hooked.components.hook_point import MoEHookPoint
+from moe_hooked.components.norms import RMSNorm
+from moe_hooked.config import MoEConfig
+
+
+def rotate_half(x: Float[torch.Tensor, "... d_head"]) -> Float[torch.Tensor, "... d_head"]:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of rotate-half RoPE, computed in float32 then cast to the input dtype.
+
+    Holds no buffers, so a model built on the meta device needs no re-initialisation.
+    """
+
+    def __init__(self, d_head: int, theta: float):
+        super().__init__()
+        self.d_head = d_head
+        self.theta = theta
+
+    def forward(
+        self, n_pos: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Float[torch.Tensor, "pos d_head"], Float[torch.Tensor, "pos d_head"]]:
+        exponents = torch.arange(0, self.d_head, 2, dtype=torch.int64, device=device).float() / self.d_head
+        inv_freq = 1.0 / (self.theta**exponents)
+        positions = torch.arange(n_pos, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention.
+
+    Weights in the hub's [out, in] layout: `w_q` [n_heads*d_head, d_model],
+    `w_k`/`w_v` [n_kv_heads*d_head, d_model], `w_o` [d_model, n_heads*d_head]; biases
+    `b_q`/`b_k`/`b_v` when `cfg.qkv_bias`; `q_norm`/`k_norm` over the full projected width
+    when `cfg.qk_norm`. TransformerLens-shaped views: `W_Q`, `W_K`, `W_V` [head d_model d_head],
+    `W_O` [head d_head d_model].
+
+    When neither `hook_attn_scores` nor `hook_pattern` is hooked, the pattern is not
+    materialised: PyTorch's fused scaled-dot-product attention computes the same result.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        q_width, kv_width = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
+        self.w_q = nn.Parameter(torch.empty(q_width, cfg.d_model))
+        self.w_k = nn.Parameter(torch.empty(kv_width, cfg.d_model))
+        self.w_v = nn.Parameter(torch.empty(kv_width, cfg.d_model))
+        self.w_o = nn.Parameter(torch.empty(cfg.d_model, q_width))
+        if cfg.qkv_bias:
+            self.b_q = nn.Parameter(torch.empty(q_width))
+            self.b_k = nn.Parameter(torch.empty(kv_width))
+            self.b_v = nn.Parameter(torch.empty(kv_width))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(q_width, cfg.eps)
+            self.k_norm = RMSNorm(kv_width, cfg.eps)
+        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta)
+        self.hook_q = MoEHookPoint()  # [batch pos head_index d_head]
+        self.hook_k = MoEHookPoint()  # [batch pos kv_head_index d_head]
+        self.hook_v = MoEHookPoint()  # [batch pos kv_head_index d_head]
+        self.hook_rot_q = MoEHookPoint()  # [batch pos head_index d_head]
+        self.hook_rot_k = MoEHookPoint()  # [batch pos kv_head_index d_head]
+        self.hook_attn_scores = MoEHookPoint()  # [batch head_index query_pos key_pos]
+        self.hook_pattern = MoEHookPoint()  # [batch head_index query_pos key_pos]
+        self.hook_z = MoEHookPoint()  # [batch pos head_index d_head]
+
+    @property
+    def W_Q(self) -> Float[torch.Tensor, "head d_model d_head"]:
+        return einops.rearrange(self.w_q, "(head d_head) d_model -> head d_model d_head", d_head=self.cfg.d_head)
+
+    @property
+    def W_K(self) -> Float[torch.Tensor, "kv_head d_model d_head"]:
+        return einops.rearrange(self.w_k, "(head d_head) d_model -> head d_model d_head", d_head=self.cfg.d_head)
+
+    @property
+    def W_V(self) -> Float[torch.Tensor, "kv_head d_model d_head"]:
+        return einops.rearrange(self.w_v, "(head d_head) d_model -> head d_model d_head", d_head=self.cfg.d_head)
+
+    @property
+    def W_O(self) -> Float[torch.Tensor, "head d_head d_model"]:
+        return einops.rearrange(self.w_o, "d_model (head d_head) -> head d_head d_model", d_head=self.cfg.d_head)
+
+    def _project(self, x, weight, bias, norm) -> Float[torch.Tensor, "batch pos head d_head"]:
+        out = F.linear(x, weight, bias)
+        if norm is not None:
+            out = norm(out)
+        if self.cfg.clip_qkv is not None:
+            out = out.clamp(-self.cfg.clip_qkv, self.cfg.clip_qkv)
+        return out.unflatten(-1, (-1, self.cfg.d_head))
+
+    def _pattern_is_hooked(self) -> bool:
+        return any(h._forward_hooks or h._backward_hooks for h in (self.hook_attn_scores, self.hook_pattern))
+
+    def forward(
+        self,
+        x: Float[torch.Tensor, "batch pos d_model"],
+        key_mask: Bool[torch.Tensor, "batch pos"] | None = None,
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """`key_mask` marks the real (non-padding) tokens; padding keys get no attention."""
+        q = self.hook_q(self._project(x, self.w_q, getattr(self, "b_q", None), getattr(self, "q_norm", None)))
+        k = self.hook_k(self._project(x, self.w_k, getattr(self, "b_k", None), getattr(self, "k_norm", None)))
+        v = self.hook_v(self._project(x, self.w_v, getattr(self, "b_v", None), None))
+        cos, sin = self.rotary(x.shape[1], x.dtype, x.device)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q = self.hook_rot_q(q * cos + rotate_half(q) * sin)
+        k = self.hook_rot_k(k * cos + rotate_half(k) * sin)
+        n_rep = self.cfg.n_heads // self.cfg.n_key_value_heads
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch head pos d_head]
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        mask = self._mask(x.shape[1], key_mask, x.device)
+        if self._pattern_is_hooked():
+            z = self._explicit_attention(q, k, v, mask)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.cfg.d_head**-0.5)
+        z = self.hook_z(z.transpose(1, 2))
+        return F.linear(z.flatten(-2), self.w_o)
+
+    @staticmethod
+    def _mask(n_pos: int, key_mask, device) -> Bool[torch.Tensor, "batch 1 query_pos key_pos"]:
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()[None, None]
+        if key_mask is None:
+            return causal
+        return causal & key_mask[:, None, None, :].bool()
+
+    def _explicit_attention(self, q, k, v, mask) -> Float[torch.Tensor, "batch head pos d_head"]:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.cfg.d_head**-0.5
+        scores = self.hook_attn_scores(scores.masked_fill(~mask, torch.finfo(scores.dtype).min))
+        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        return torch.matmul(pattern, v)

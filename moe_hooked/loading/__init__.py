@@ -1,0 +1,94 @@
+"""Loading Hugging Face checkpoints: one module per architecture family.
+
+A family module defines `MODEL_TYPE`, `config_from_hf(raw_config) -> MoEConfig` and
+`weight_names(cfg) -> {hub key: Target}`; registering it in `ARCHITECTURES` is all
+it takes to support a new family.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from moe_hooked.loading import olmoe, qwen2_moe
+from moe_hooked.loading.checkpoint import (
+    checkpoint_dtype,
+    read_config,
+    resolve_checkpoint_dir,
+    safetensors_files,
+    stream_weights,
+)
+from moe_hooked.loading.errors import CheckpointError, UnsupportedArchitectureError
+
+ARCHITECTURES: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (olmoe, qwen2_moe)}
+
+BUILTIN_MODELS = {"moe-hooked/demo": "demo_model"}
+"""Reserved names of checkpoints shipped inside the package (under `moe_hooked/assets/`)."""
+
+
+def family(raw_config: dict) -> ModuleType:
+    model_type = raw_config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"model_type '{model_type}' is not supported; supported are {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def checkpoint_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
+    if str(name_or_path) in BUILTIN_MODELS:
+        return Path(str(resources.files("moe_hooked") / "assets" / BUILTIN_MODELS[str(name_or_path)]))
+    return resolve_checkpoint_dir(name_or_path, revision)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype '{dtype}': use e.g. 'float32', 'bfloat16' or 'float16'")
+    return resolved
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer via `AutoTokenizer`, or None when the folder has none."""
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_pretrained(model_cls, name_or_path, dtype=None, device=None, revision=None, router_dtype=None):
+    """Build `model_cls` on the meta device and stream the checkpoint's tensors into it."""
+    folder = checkpoint_dir(name_or_path, revision)
+    raw = read_config(folder)
+    arch = family(raw)
+    files = safetensors_files(folder)
+    cfg = arch.config_from_hf(raw)
+    cfg.dtype = _as_dtype(dtype) or checkpoint_dtype(files)
+    cfg.device = torch.device(device or "cpu")
+    if router_dtype is not None:
+        cfg.router_dtype = router_dtype
+    with torch.device("meta"):
+        model = model_cls(cfg, tokenizer=None)
+    model = model.to(cfg.dtype).to_empty(device=cfg.device)
+    gain = stream_weights(model, files, arch.weight_names(cfg))
+    _finish_unembed(model, gain)
+    model.tokenizer = load_tokenizer(folder)
+    return model.eval()
+
+
+@torch.no_grad()
+def _finish_unembed(model, gain: torch.Tensor) -> None:
+    """Tie the unembedding to the embedding if the config says so, then fold the final norm gain into it."""
+    weight = model.unembed.weight
+    if model.cfg.tie_word_embeddings:
+        weight.copy_(model.embed.W_E)
+    weight.copy_(weight.float() * gain.to(weight.device).float())
+
+
+__all__ = ["ARCHITECTURES", "BUILTIN_MODELS", "CheckpointError", "UnsupportedArchitectureError", "load_pretrained"]

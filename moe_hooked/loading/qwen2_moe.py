@@ -1,0 +1,67 @@
+"""Qwen1.5-MoE / Qwen2-MoE (`model_type` "qwen2_moe", e.g. Qwen/Qwen1.5-MoE-A2.7B).
+
+Differences from Llama: q/k/v bias; a shared expert whose output is multiplied by
+sigmoid(x W_g) (`mlp.shared_expert_gate`); dense layers where `mlp_only_layers` or
+`decoder_sparse_step` say; router softmax in float32.
+"""
+
+from __future__ import annotations
+
+from transformers import Qwen2MoeConfig
+
+from moe_hooked.config import MoEConfig
+from moe_hooked.loading import llama_like
+from moe_hooked.loading.errors import UnsupportedArchitectureError
+
+MODEL_TYPE = "qwen2_moe"
+PREPENDS_BOS = False
+
+
+def _moe_layers(hf: Qwen2MoeConfig) -> tuple[int, ...]:
+    return tuple(
+        layer
+        for layer in range(hf.num_hidden_layers)
+        if layer not in hf.mlp_only_layers and hf.num_experts > 0 and (layer + 1) % hf.decoder_sparse_step == 0
+    )
+
+
+def config_from_hf(raw: dict) -> MoEConfig:
+    hf = Qwen2MoeConfig.from_dict(raw)
+    if hf.use_sliding_window:
+        raise UnsupportedArchitectureError("qwen2_moe with use_sliding_window=true is not supported yet")
+    return MoEConfig(
+        architecture=MODEL_TYPE,
+        d_model=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+        n_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads,
+        d_head=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        d_vocab=hf.vocab_size,
+        n_ctx=hf.max_position_embeddings,
+        n_experts=hf.num_experts,
+        top_k=hf.num_experts_per_tok,
+        d_expert=hf.moe_intermediate_size,
+        moe_layers=_moe_layers(hf),
+        d_mlp=hf.intermediate_size,
+        norm_topk_prob=hf.norm_topk_prob,
+        router_dtype="float32",
+        d_shared_expert=hf.shared_expert_intermediate_size or None,
+        shared_expert_gated=bool(hf.shared_expert_intermediate_size),
+        qkv_bias=hf.qkv_bias,
+        rope_theta=llama_like.rope_theta(hf),
+        eps=hf.rms_norm_eps,
+        tie_word_embeddings=hf.tie_word_embeddings,
+        act_fn=hf.hidden_act,
+        bos_token_id=hf.bos_token_id,
+        eos_token_id=hf.eos_token_id,
+        pad_token_id=hf.pad_token_id,
+        default_prepend_bos=PREPENDS_BOS,
+        original_config=raw,
+    )
+
+
+def weight_names(cfg: MoEConfig) -> dict[str, llama_like.Target]:
+    gated = cfg.shared_expert_gated
+    return llama_like.weight_names(
+        cfg, shared_expert="shared_expert" if cfg.d_shared_expert else None, shared_gate="shared_expert_gate" if gated else None
+    )

@@ -1,0 +1,249 @@
+"""`HookedMoETransformer`: a native, fully hooked re-implementation of MoE decoders."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import nn
+from transformer_lens import ActivationCache, HookedRootModule
+
+from moe_hooked.components import Embed, MoEBlock, MoEHookPoint, RMSNormPre, TransformerBlock, Unembed
+from moe_hooked.config import MoEConfig
+from moe_hooked.hook_names import get_act_name
+
+ModelInput = str | Sequence[str] | Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"]
+ReturnType = Literal["logits", "loss", "both"] | None
+
+
+class MoEActivationCache(ActivationCache):
+    """TransformerLens's `ActivationCache`, also resolving MoE shorthands such as
+    `cache["router_logits", 3]` to `blocks.3.mlp.hook_router_logits`."""
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, tuple) and isinstance(key[0], str):
+            layer = key[1] if len(key) > 1 else None
+            if isinstance(layer, int) and layer < 0:
+                layer += self.model.cfg.n_layers
+            key = get_act_name(key[0], layer, *key[2:])
+        return super().__getitem__(key)
+
+
+class HookedMoETransformer(HookedRootModule):
+    """A decoder-only MoE language model whose every internal step is a hook point.
+
+    Build it with `from_pretrained` (a hub id, a local checkpoint folder, or
+    "moe-hooked/demo"); see `docs/design.md` for the hook names and shapes.
+    """
+
+    def __init__(self, cfg: MoEConfig, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = MoEHookPoint()  # [batch pos d_model]
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = RMSNormPre(cfg.eps)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+        self.setup()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        revision: str | None = None,
+        router_dtype: Literal["float32", "model"] | None = None,
+    ) -> HookedMoETransformer:
+        """Load a checkpoint in Hugging Face format (config.json + safetensors).
+
+        `dtype=None` keeps the checkpoint's own dtype; `router_dtype` overrides where
+        the router softmax runs ("float32" or "model"; default: as the architecture does).
+        """
+        from moe_hooked.loading import load_pretrained
+
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, revision=revision, router_dtype=router_dtype)
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
+        """Unembedding with the final RMSNorm gain folded in: logits = ln_final(x) @ W_U."""
+        return self.unembed.W_U
+
+    @property
+    def moe_blocks(self) -> dict[int, MoEBlock]:
+        """The MoE blocks by layer index."""
+        return {layer: self.blocks[layer].mlp for layer in self.cfg.moe_layers}
+
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Int[torch.Tensor, "..."]
+    ) -> Float[torch.Tensor, "... d_model"]:
+        """The residual direction (column of W_U) whose dot product with ln_final(x) is each token's logit."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        tokens = torch.as_tensor(tokens, device=self.W_U.device)
+        return self.W_U[:, tokens].movedim(0, -1)
+
+    # ------------------------------------------------------------------ tokens
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (the checkpoint folder had none): pass token ids instead of text")
+        return self.tokenizer
+
+    def _prepend_bos(self, prepend_bos: bool | None) -> bool:
+        return self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+
+    def _tokenize(
+        self, text: str | Sequence[str], prepend_bos: bool | None = None
+    ) -> tuple[Int[torch.Tensor, "batch pos"], torch.Tensor]:
+        """Token ids right-padded to the longest text, and the mask of real tokens."""
+        tokenizer = self._require_tokenizer()
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("no text given: pass a string or a non-empty list of strings")
+        bos = [self.bos_token_id()] if self._prepend_bos(prepend_bos) else []
+        ids = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        longest = max(len(x) for x in ids)
+        if longest == 0:
+            raise ValueError("the text is empty and no BOS token is prepended: there is nothing to run")
+        pad = self.pad_token_id()
+        tokens = torch.tensor([x + [pad] * (longest - len(x)) for x in ids], dtype=torch.long)
+        mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids], dtype=torch.long)
+        return tokens.to(self.W_E.device), mask.to(self.W_E.device)
+
+    def bos_token_id(self) -> int:
+        bos = self.cfg.bos_token_id
+        if bos is None and self.tokenizer is not None:
+            bos = self.tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError("this model defines no BOS token: call with prepend_bos=False")
+        return bos
+
+    def pad_token_id(self) -> int:
+        for candidate in (self.cfg.pad_token_id, getattr(self.tokenizer, "pad_token_id", None), self.cfg.eos_token_id):
+            if candidate is not None:
+                return candidate
+        return 0
+
+    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool | None = None) -> Int[torch.Tensor, "batch pos"]:
+        """Token ids [batch pos] of a string or list of strings (right-padded)."""
+        return self._tokenize(text, prepend_bos)[0]
+
+    def to_string(self, tokens: Int[torch.Tensor, "..."] | Sequence[int]) -> str | list[str]:
+        """Decode a 1-D sequence of ids to a string, or a 2-D batch to a list of strings."""
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim == 2:
+            return [self.to_string(row) for row in tokens]
+        return self._require_tokenizer().decode(tokens.tolist())
+
+    def to_str_tokens(self, input: str | Int[torch.Tensor, "..."] | Sequence[int], prepend_bos: bool | None = None) -> list[str]:
+        """One decoded string per token, for a string or a 1-D sequence of ids."""
+        tokens = self.to_tokens(input, prepend_bos)[0] if isinstance(input, str) else torch.as_tensor(input)
+        if tokens.ndim == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError("to_str_tokens takes a single sequence; index the batch first")
+            tokens = tokens[0]
+        tokenizer = self._require_tokenizer()
+        return [tokenizer.decode([t]) for t in tokens.tolist()]
+
+    def to_single_token(self, string: str) -> int:
+        tokens = self.to_tokens(string, prepend_bos=False)[0]
+        if tokens.numel() != 1:
+            raise ValueError(f"'{string}' is {tokens.numel()} tokens, not one")
+        return int(tokens.item())
+
+    def _as_tokens(
+        self, input: ModelInput, attention_mask: torch.Tensor | None, prepend_bos: bool | None
+    ) -> tuple[Int[torch.Tensor, "batch pos"], torch.Tensor | None]:
+        if isinstance(input, str) or (isinstance(input, Sequence) and not isinstance(input, torch.Tensor)):
+            return self._tokenize(input, prepend_bos)
+        tokens = input if input.ndim == 2 else input[None]
+        if tokens.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"token ids must be an integer tensor, got {tokens.dtype}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
+            raise ValueError(
+                f"token ids must lie in [0, {self.cfg.d_vocab}) (the vocabulary size), "
+                f"got min {int(tokens.min())} and max {int(tokens.max())}"
+            )
+        if attention_mask is not None and attention_mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from tokens {tuple(tokens.shape)}")
+        return tokens.to(self.W_E.device).long(), attention_mask
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input: ModelInput,
+        return_type: ReturnType = "logits",
+        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+        prepend_bos: bool | None = None,
+        loss_per_token: bool = False,
+        stop_at_layer: int | None = None,
+    ):
+        """Run the model.
+
+        `input`: a string, a list of strings (right-padded, masked) or token ids [batch pos].
+        `attention_mask` [batch pos]: 1 for real tokens (only with token-id input).
+        `return_type`: "logits" [batch pos d_vocab], "loss" (mean next-token loss over real
+        tokens; [batch pos-1] with `loss_per_token`), "both" (logits, loss) or None.
+        `stop_at_layer`: return the residual stream entering that block instead.
+        """
+        tokens, mask = self._as_tokens(input, attention_mask, prepend_bos)
+        key_mask = None if mask is None or bool(mask.all()) else mask.bool()
+        resid = self.hook_embed(self.embed(tokens)).to(self.W_E.dtype)
+        for block in self.blocks[:stop_at_layer]:
+            resid = block(resid, key_mask)
+        if stop_at_layer is not None:
+            return resid
+        if return_type is None:
+            return None
+        logits = self.unembed(self.ln_final(resid))
+        if return_type == "logits":
+            return logits
+        loss = self.loss(logits, tokens, mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    @staticmethod
+    def loss(
+        logits: Float[torch.Tensor, "batch pos d_vocab"],
+        tokens: Int[torch.Tensor, "batch pos"],
+        mask: torch.Tensor | None = None,
+        per_token: bool = False,
+    ) -> torch.Tensor:
+        """Next-token cross-entropy (natural log), averaged over real targets."""
+        log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll = -log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        target_mask = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)
+        if per_token:
+            return nll * target_mask
+        return (nll * target_mask).sum() / target_mask.sum().clamp(min=1)
+
+    def run_with_cache(self, *model_args, **kwargs) -> tuple[torch.Tensor, MoEActivationCache]:
+        """As TransformerLens: returns (output, cache); the cache is an `ActivationCache`."""
+        out, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        return out, MoEActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    @contextlib.contextmanager
+    def all_experts(self) -> Iterator[HookedMoETransformer]:
+        """Within this context every MoE layer also runs every expert on every token and
+        exposes `blocks.{l}.mlp.hook_all_expert_out` [batch pos n_experts d_model].
+
+        Costs n_experts / k times the routed-expert compute and
+        batch * pos * n_experts * d_model values per layer while the hook is cached.
+        """
+        blocks = list(self.moe_blocks.values())
+        for block in blocks:
+            block.compute_all_experts = True
+        try:
+            yield self
+        finally:
+            for block in blocks:
+                block.compute_all_experts = False
