@@ -76,7 +76,10 @@ class HookedMoETransformer(HookedRootModule):
 
     @property
     def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
-        """Unembedding with the final RMSNorm gain folded in: logits = ln_final(x) @ W_U."""
+        """Unembedding with the final RMSNorm gain folded in: logits = ln_final(x) @ W_U.
+
+        Computed on access ([d_model d_vocab]); `model.unembed(ln_final(x))` gives the
+        logits without materialising it."""
         return self.unembed.W_U
 
     @property
@@ -90,8 +93,7 @@ class HookedMoETransformer(HookedRootModule):
         """The residual direction (column of W_U) whose dot product with ln_final(x) is each token's logit."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        tokens = torch.as_tensor(tokens, device=self.W_U.device)
-        return self.W_U[:, tokens].movedim(0, -1)
+        return self.unembed.directions(torch.as_tensor(tokens, device=self.unembed.weight.device))
 
     # ------------------------------------------------------------------ tokens
     def _require_tokenizer(self):

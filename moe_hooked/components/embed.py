@@ -20,20 +20,28 @@ class Embed(nn.Module):
 
 
 class Unembed(nn.Module):
-    """Normalised residual -> logits.
+    """Final-norm gain and output projection: logits = (gain * normalized) @ weight^T.
 
-    The weight is stored as `weight` [d_vocab, d_model] (the hub's `lm_head.weight`
-    layout) with the final RMSNorm gain already folded in, so that
-    `ln_final(x) @ W_U` equals the model's logits exactly.
+    `weight` [d_vocab, d_model] is the hub's `lm_head.weight`, `gain` [d_model] the final
+    RMSNorm's weight, applied here in the model dtype exactly as the reference does, so
+    that `ln_final` (which has no gain) plus this module reproduce the logits bit for bit.
+    `W_U` [d_model d_vocab] is the gain folded into the projection, so that
+    `ln_final(x) @ W_U` gives the logits (exactly, up to rounding in low precision).
     """
 
     def __init__(self, d_model: int, d_vocab: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_vocab, d_model))
+        self.gain = nn.Parameter(torch.ones(d_model))
 
     @property
     def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
-        return self.weight.T
+        """Computed on access (folded in float32, cast to the model dtype)."""
+        return (self.weight.float() * self.gain.float()).T.to(self.weight.dtype)
+
+    def directions(self, tokens: Int[torch.Tensor, "..."]) -> Float[torch.Tensor, "... d_model"]:
+        """The columns of `W_U` for `tokens`, without materialising all of `W_U`."""
+        return (self.weight[tokens].float() * self.gain.float()).to(self.weight.dtype)
 
     def forward(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
-        return F.linear(x, self.weight)
+        return F.linear(self.gain * x, self.weight)

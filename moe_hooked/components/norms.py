@@ -10,7 +10,7 @@ from moe_hooked.components.hook_point import MoEHookPoint
 
 
 class RMSNormPre(nn.Module):
-    """x / sqrt(mean(x^2) + eps), computed in float32 and cast back; no gain.
+    """x * rsqrt(mean(x^2) + eps), computed in float32 and cast back; no gain.
 
     Hooks: `hook_scale` [batch pos 1] (the divisor), `hook_normalized` [batch pos d].
     """
@@ -23,8 +23,12 @@ class RMSNormPre(nn.Module):
 
     def normalize(self, x: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
         x32 = x.float()
-        scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized((x32 / scale).to(x.dtype))
+        inverse = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        scale = inverse.reciprocal()
+        hooked_scale = self.hook_scale(scale)
+        if hooked_scale is not scale:  # a hook replaced the scale: divide by the new one
+            inverse = hooked_scale.reciprocal()
+        return self.hook_normalized((x32 * inverse).to(x.dtype))
 
     def forward(self, x: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
         return self.normalize(x)

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import torch
 
-from moe_hooked.loading import olmoe, qwen2_moe
+from moe_hooked.loading import deepseek, olmoe, qwen2_moe
 from moe_hooked.loading.checkpoint import (
     checkpoint_dtype,
     read_config,
@@ -23,7 +23,7 @@ from moe_hooked.loading.checkpoint import (
 )
 from moe_hooked.loading.errors import CheckpointError, UnsupportedArchitectureError
 
-ARCHITECTURES: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (olmoe, qwen2_moe)}
+ARCHITECTURES: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (deepseek, olmoe, qwen2_moe)}
 
 BUILTIN_MODELS = {"moe-hooked/demo": "demo_model"}
 """Reserved names of checkpoints shipped inside the package (under `moe_hooked/assets/`)."""
@@ -76,19 +76,12 @@ def load_pretrained(model_cls, name_or_path, dtype=None, device=None, revision=N
     with torch.device("meta"):
         model = model_cls(cfg, tokenizer=None)
     model = model.to(cfg.dtype).to_empty(device=cfg.device)
-    gain = stream_weights(model, files, arch.weight_names(cfg))
-    _finish_unembed(model, gain)
+    stream_weights(model, files, arch.weight_names(cfg))
+    if cfg.tie_word_embeddings:
+        with torch.no_grad():
+            model.unembed.weight.copy_(model.embed.W_E)
     model.tokenizer = load_tokenizer(folder)
     return model.eval()
-
-
-@torch.no_grad()
-def _finish_unembed(model, gain: torch.Tensor) -> None:
-    """Tie the unembedding to the embedding if the config says so, then fold the final norm gain into it."""
-    weight = model.unembed.weight
-    if model.cfg.tie_word_embeddings:
-        weight.copy_(model.embed.W_E)
-    weight.copy_(weight.float() * gain.to(weight.device).float())
 
 
 __all__ = ["ARCHITECTURES", "BUILTIN_MODELS", "CheckpointError", "UnsupportedArchitectureError", "load_pretrained"]

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from moe_hooked.loading.errors import CheckpointError
-from moe_hooked.loading.llama_like import FINAL_NORM_GAIN, Target
+from moe_hooked.loading.llama_like import Target
 
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.*"]
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -73,14 +73,13 @@ def checkpoint_dtype(files: list[Path]) -> torch.dtype:
     raise CheckpointError(f"{files[0]} holds no floating-point tensors")
 
 
-def stream_weights(model: torch.nn.Module, files: list[Path], names: dict[str, Target]) -> torch.Tensor:
+def stream_weights(model: torch.nn.Module, files: list[Path], names: dict[str, Target]) -> None:
     """Copy every tensor of `files` into `model`'s parameters, one tensor at a time.
 
-    Returns the final norm's gain (kept aside to be folded into W_U). Raises one
-    `CheckpointError` listing every missing, unexpected and misshapen tensor.
+    Raises one `CheckpointError` listing every missing, unexpected and misshapen tensor.
     """
     params = dict(model.named_parameters())
-    seen, unexpected, misshapen, gain = set(), [], [], None
+    seen, unexpected, misshapen = set(), [], []
     for path in files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
@@ -91,9 +90,6 @@ def stream_weights(model: torch.nn.Module, files: list[Path], names: dict[str, T
                     continue
                 tensor = f.get_tensor(key)
                 seen.add(key)
-                if target.param == FINAL_NORM_GAIN:
-                    gain = tensor
-                    continue
                 dest = params[target.param] if target.expert is None else params[target.param][target.expert]
                 if dest.shape != tensor.shape:
                     misshapen.append(f"{key}: {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
@@ -101,7 +97,6 @@ def stream_weights(model: torch.nn.Module, files: list[Path], names: dict[str, T
                 with torch.no_grad():
                     dest.copy_(tensor)
     _raise_problems(sorted(names.keys() - seen), unexpected, misshapen)
-    return gain
 
 
 def _raise_problems(missing: list[str], unexpected: list[str], misshapen: list[str]) -> None:

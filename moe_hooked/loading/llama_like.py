@@ -11,10 +11,6 @@ from typing import NamedTuple
 from moe_hooked.config import MoEConfig
 from moe_hooked.loading.errors import UnsupportedArchitectureError
 
-FINAL_NORM_GAIN = "<final norm gain, folded into W_U>"
-"""Pseudo-target of `model.norm.weight`: the loader multiplies it into the unembedding."""
-
-
 class Target(NamedTuple):
     param: str
     expert: int | None = None
@@ -28,7 +24,7 @@ def weight_names(cfg: MoEConfig, shared_expert: str | None = None, shared_gate: 
     """
     names = {
         "model.embed_tokens.weight": Target("embed.W_E"),
-        "model.norm.weight": Target(FINAL_NORM_GAIN),
+        "model.norm.weight": Target("unembed.gain"),
     }
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = Target("unembed.weight")

@@ -1,0 +1,89 @@
+"""Parity with the reference `transformers` models: the definition of correct."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import build_hf, olmoe_config, qwen2_moe_config, save_hf
+
+from moe_hooked import HookedMoETransformer
+
+CONFIGS = {
+    "olmoe": lambda: olmoe_config(),
+    "olmoe-gqa-k1": lambda: olmoe_config(num_key_value_heads=2, num_experts_per_tok=1),
+    "olmoe-normtopk": lambda: olmoe_config(norm_topk_prob=True, num_experts_per_tok=3),
+    "olmoe-clip": lambda: olmoe_config(clip_qkv=0.4),
+    "qwen2_moe": lambda: qwen2_moe_config(),
+    "qwen2_moe-sparse-step-normtopk": lambda: qwen2_moe_config(mlp_only_layers=[], decoder_sparse_step=2, norm_topk_prob=True),
+    "qwen2_moe-no-gqa-k1": lambda: qwen2_moe_config(num_key_value_heads=4, num_experts_per_tok=1, tie_word_embeddings=True),
+}
+
+
+def router_logit_hooks(hf_model) -> tuple[dict[int, torch.Tensor], list]:
+    """Capture each HF router's logits, keyed by layer index."""
+    captured, handles = {}, []
+    for layer, decoder_layer in enumerate(hf_model.model.layers):
+        gate = getattr(decoder_layer.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "top_k"):
+            handles.append(gate.register_forward_hook(lambda m, i, out, layer=layer: captured.__setitem__(layer, out[0])))
+    return captured, handles
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    hf = build_hf(CONFIGS[request.param](), seed=len(request.param))
+    folder = save_hf(hf, tmp_path_factory.mktemp(request.param))
+    return hf, HookedMoETransformer.from_pretrained(folder)
+
+
+def test_float32_logits_router_and_hidden_states_match(pair):
+    hf, ours = pair
+    tokens = torch.randint(0, hf.config.vocab_size, (3, 13), generator=torch.Generator().manual_seed(0))
+    captured, handles = router_logit_hooks(hf)
+    with torch.no_grad():
+        ref = hf(tokens, output_hidden_states=True)
+        logits, cache = ours.run_with_cache(tokens)
+    for handle in handles:
+        handle.remove()
+    assert (ref.logits - logits).abs().max() <= 1e-4
+    # hidden_states[0] is the embedding, [l + 1] is the output of block l (the last one after the final norm)
+    assert torch.allclose(ref.hidden_states[0], cache["hook_embed"], atol=1e-6)
+    for layer in range(ours.cfg.n_layers - 1):
+        assert torch.allclose(ref.hidden_states[layer + 1], cache["resid_post", layer], atol=1e-5), layer
+    assert set(captured) == set(ours.cfg.moe_layers)
+    for layer, hf_logits in captured.items():
+        ours_logits = cache["router_logits", layer].flatten(0, 1)
+        assert torch.allclose(hf_logits, ours_logits, atol=1e-5), layer
+
+
+def test_bfloat16_top1_agrees(pair, tmp_path):
+    hf, _ = pair
+    folder = save_hf(hf.to(torch.bfloat16), tmp_path / "bf16")
+    try:
+        ours = HookedMoETransformer.from_pretrained(folder)
+        assert ours.cfg.dtype == torch.bfloat16
+        tokens = torch.randint(0, hf.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            agree = (hf(tokens).logits.argmax(-1) == ours(tokens).argmax(-1)).float().mean()
+    finally:
+        hf.to(torch.float32)
+    assert agree >= 0.99
+
+
+def test_dtype_argument_overrides_checkpoint_dtype(pair, tmp_path):
+    hf, _ = pair
+    folder = save_hf(hf, tmp_path / "f32")
+    ours = HookedMoETransformer.from_pretrained(folder, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+
+
+def test_padded_batch_matches_unpadded_rows(pair):
+    """A right-padded row gives the same logits on its real tokens as the row alone."""
+    _, ours = pair
+    tokens = torch.randint(3, ours.cfg.d_vocab, (2, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(tokens)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        batched = ours(tokens, attention_mask=mask)
+        alone = ours(tokens[1:, :6])
+    assert torch.allclose(batched[1, :6], alone[0], atol=1e-5)
