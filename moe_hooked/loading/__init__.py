@@ -7,6 +7,7 @@ it takes to support a new family.
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
@@ -68,11 +69,10 @@ def load_pretrained(model_cls, name_or_path, dtype=None, device=None, revision=N
     raw = read_config(folder)
     arch = family(raw)
     files = safetensors_files(folder)
-    cfg = arch.config_from_hf(raw)
-    cfg.dtype = _as_dtype(dtype) or checkpoint_dtype(files)
-    cfg.device = torch.device(device or "cpu")
+    overrides = {"dtype": _as_dtype(dtype) or checkpoint_dtype(files), "device": torch.device(device or "cpu")}
     if router_dtype is not None:
-        cfg.router_dtype = router_dtype
+        overrides["router_dtype"] = router_dtype
+    cfg = dataclasses.replace(arch.config_from_hf(raw), **overrides)
     with torch.device("meta"):
         model = model_cls(cfg, tokenizer=None)
     model = model.to(cfg.dtype).to_empty(device=cfg.device)
