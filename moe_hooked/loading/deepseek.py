@@ -105,7 +105,7 @@ def _moe_layers(raw: dict) -> tuple[int, ...]:
 def config_from_hf(raw: dict) -> MoEConfig:
     hf = DEFAULTS | raw
     _check_variant(hf)
-    top_k = hf["num_experts_per_tok"]
+    top_k, n_shared = hf["num_experts_per_tok"], hf["n_shared_experts"]
     return MoEConfig(
         architecture=MODEL_TYPE,
         d_model=hf["hidden_size"],
@@ -123,7 +123,7 @@ def config_from_hf(raw: dict) -> MoEConfig:
         norm_topk_prob=bool(hf["norm_topk_prob"]) and top_k > 1,
         norm_topk_eps=NORM_TOPK_EPS,
         router_dtype="model",
-        d_shared_expert=(hf["n_shared_experts"] or 0) * hf["moe_intermediate_size"] or None,
+        d_shared_expert=n_shared * hf["moe_intermediate_size"] if n_shared else None,
         rope_theta=float(hf["rope_theta"]),
         eps=hf["rms_norm_eps"],
         tie_word_embeddings=hf["tie_word_embeddings"],
