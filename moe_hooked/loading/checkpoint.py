@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import torch
-from safetensors import safe_open
-
 from moe_hooked.loading.errors import CheckpointError
 from moe_hooked.loading.llama_like import Target
 
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.*"]
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 def resolve_checkpoint_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
@@ -63,39 +66,80 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no weights in {folder}: expected model.safetensors or a sharded index")
 
 
+class TensorEntry(NamedTuple):
+    """Where one tensor lies in a safetensors file."""
+
+    dtype: torch.dtype | None
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensor table of a safetensors file (8-byte little-endian header size, JSON header, data)."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    data_start = 8 + size
+    return {
+        key: TensorEntry(
+            SAFETENSORS_DTYPES.get(info["dtype"]),
+            tuple(info["shape"]),
+            data_start + info["data_offsets"][0],
+            data_start + info["data_offsets"][1],
+        )
+        for key, info in header.items()
+        if key != "__metadata__"
+    }
+
+
 def checkpoint_dtype(files: list[Path]) -> torch.dtype:
     """The dtype of the checkpoint's first floating-point tensor."""
-    with safe_open(files[0], framework="pt") as f:
-        for key in f.keys():
-            dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
-            if dtype is not None:
-                return dtype
+    for entry in read_header(files[0]).values():
+        if entry.dtype is not None and entry.dtype.is_floating_point:
+            return entry.dtype
     raise CheckpointError(f"{files[0]} holds no floating-point tensors")
 
 
-def stream_weights(model: torch.nn.Module, files: list[Path], names: dict[str, Target]) -> None:
-    """Copy every tensor of `files` into `model`'s parameters, one tensor at a time.
+def read_into(f: BinaryIO, entry: TensorEntry, dest: torch.Tensor) -> None:
+    """Read one tensor from an open file into `dest`.
 
-    Raises one `CheckpointError` listing every missing, unexpected and misshapen tensor.
+    A contiguous CPU destination of the same dtype is filled in place by `readinto`,
+    so no intermediate copy exists; otherwise one tensor-sized buffer is read and cast.
+    """
+    f.seek(entry.start)
+    if dest.device.type == "cpu" and dest.dtype == entry.dtype and dest.is_contiguous():
+        f.readinto(memoryview(dest.view(-1).view(torch.uint8).numpy()))
+        return
+    buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+    f.readinto(memoryview(buffer.numpy()))
+    dest.copy_(buffer.view(entry.dtype).view(entry.shape))
+
+
+def stream_weights(model: torch.nn.Module, files: list[Path], names: dict[str, Target]) -> None:
+    """Read every tensor of `files` straight into `model`'s parameters, one at a time.
+
+    Files are read with plain reads (no memory map), so the peak host memory is the
+    model's own parameters plus at most one tensor. Raises one `CheckpointError`
+    listing every missing, unexpected and misshapen tensor.
     """
     params = dict(model.named_parameters())
     seen, unexpected, misshapen = set(), [], []
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
+        entries = read_header(path)
+        with open(path, "rb") as f, torch.no_grad():
+            for key, entry in entries.items():
                 target = names.get(key)
                 if target is None:
                     if not key.endswith(IGNORED_SUFFIXES):
                         unexpected.append(key)
                     continue
-                tensor = f.get_tensor(key)
                 seen.add(key)
                 dest = params[target.param] if target.expert is None else params[target.param][target.expert]
-                if dest.shape != tensor.shape:
-                    misshapen.append(f"{key}: {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+                if dest.shape != entry.shape or entry.dtype is None:
+                    misshapen.append(f"{key}: {entry.shape}, expected {tuple(dest.shape)}")
                     continue
-                with torch.no_grad():
-                    dest.copy_(tensor)
+                read_into(f, entry, dest)
     _raise_problems(sorted(names.keys() - seen), unexpected, misshapen)
 
 
