@@ -1,0 +1,191 @@
+"""Routing statistics streamed over corpora: which experts each domain's tokens select.
+
+Both functions run the model with forward hooks on the router hook points only (no
+activation cache) and add each batch into fixed-size accumulators, so memory does not
+grow with the corpus. Only real tokens count: padding is masked out.
+
+- :func:`routing_stats` -- per (domain, MoE layer, expert) top-k selection counts, plus
+  co-activation and router entropy, as a :class:`RoutingCounts`.
+- :func:`top_tokens_per_expert` -- vocabulary specialization: the input tokens each expert
+  of one layer is most often selected for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+
+from moe_hooked.analysis.counts import RoutingCounts
+from moe_hooked.analysis.streaming import corpus_batches
+from moe_hooked.hook_names import get_act_name
+
+__all__ = ["routing_stats", "top_tokens_per_expert"]
+
+
+class _RoutingAccumulator:
+    """Running sums over `D` domains and the model's `L` MoE layers (`E` experts), on the model's device."""
+
+    def __init__(self, model, n_domains: int, coactivation: bool):
+        cfg = model.cfg
+        device = model.W_E.device
+        shape = (n_domains, len(cfg.moe_layers))
+        self.n_experts = cfg.n_experts
+        self.counts = torch.zeros(*shape, cfg.n_experts, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(shape, dtype=torch.long, device=device)
+        self.entropy_sum = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.coactivation = None
+        if coactivation:
+            self.coactivation = torch.zeros(*shape, cfg.n_experts, cfg.n_experts, dtype=torch.long, device=device)
+        self.layers = list(cfg.moe_layers)
+
+    def hooks(self, domain: int, mask: Bool[torch.Tensor, "batch pos"]) -> list[tuple[str, Callable]]:
+        """Forward hooks that add one batch (real tokens: `mask`) into the sums of `domain`."""
+        hooks = []
+        for i, layer in enumerate(self.layers):
+            hooks.append((get_act_name("topk_indices", layer), partial(self._count, domain, i, mask)))
+            hooks.append((get_act_name("router_probs", layer), partial(self._entropy, domain, i, mask)))
+        return hooks
+
+    def _count(self, d: int, i: int, mask: torch.Tensor, indices: Int[torch.Tensor, "batch pos k"], hook) -> None:
+        selected = F.one_hot(indices[mask], self.n_experts).amax(dim=-2)  # [n_tokens E], 1 where in the top-k
+        self.counts[d, i] += selected.sum(0)
+        self.tokens[d, i] += selected.shape[0]
+        if self.coactivation is not None:
+            as_float = selected.float()  # exact: per-batch sums stay far below 2**24
+            self.coactivation[d, i] += (as_float.T @ as_float).long()
+
+    def _entropy(self, d: int, i: int, mask: torch.Tensor, probs: Float[torch.Tensor, "batch pos E"], hook) -> None:
+        self.entropy_sum[d, i] += torch.special.entr(probs[mask].double()).sum()
+
+    def result(self, domains: list[str], top_k: int) -> RoutingCounts:
+        def numpy(x):
+            return None if x is None else x.cpu().numpy()
+
+        return RoutingCounts(
+            counts=numpy(self.counts),
+            tokens=numpy(self.tokens),
+            domains=domains,
+            layers=self.layers,
+            top_k=top_k,
+            coactivation=numpy(self.coactivation),
+            entropy_sum=numpy(self.entropy_sum),
+        )
+
+
+def _require_moe(model) -> None:
+    if not model.cfg.moe_layers:
+        raise ValueError("this model has no MoE layers: there is no routing to count")
+
+
+@torch.inference_mode()
+def routing_stats(
+    model,
+    corpora: Mapping[str, Sequence[str]],
+    max_length: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    coactivation: bool = True,
+    progress: bool = True,
+) -> RoutingCounts:
+    """Count, per domain and MoE layer, how many real tokens select each routed expert.
+
+    `corpora` maps a domain name to its texts. Texts are tokenized with the model's
+    tokenizer and BOS convention, cut into chunks of at most `max_length` tokens (default:
+    the model's context), and run `batch_size` chunks at a time; `max_tokens` caps each
+    domain's tokens. An expert counts for a token when it is among the token's top-k
+    (`hook_topk_indices`), whatever its weight. Also accumulated: `coactivation`
+    [D, L, E, E] (tokens on which both experts are selected; optional) and `entropy_sum`
+    [D, L] (sum over tokens of the router softmax entropy, nats).
+
+    The forward pass stops after the last MoE layer and keeps no activations: memory is
+    that of one batch plus the accumulators, whatever the corpus size.
+    """
+    _require_moe(model)
+    acc = _RoutingAccumulator(model, len(corpora), coactivation)
+    stop = max(model.cfg.moe_layers) + 1
+    for d, batch in corpus_batches(model, corpora, max_length, batch_size, max_tokens, progress, "routing_stats"):
+        model.run_with_hooks(
+            batch.tokens,
+            attention_mask=batch.attention_mask,
+            stop_at_layer=stop,
+            fwd_hooks=acc.hooks(d, batch.attention_mask.bool()),
+        )
+    return acc.result(list(corpora), model.cfg.top_k)
+
+
+@torch.inference_mode()
+def top_tokens_per_expert(
+    model,
+    texts: Sequence[str],
+    layer: int,
+    top: int = 10,
+    max_length: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The input tokens each routed expert of MoE layer `layer` is most often selected for.
+
+    Over the real tokens of `texts` (batched as in :func:`routing_stats`), counts how often
+    each (expert, token id) pair occurs, an expert counting when it is in the token's top-k.
+    Memory: one [n_experts, d_vocab] count table, updated in place (scatter-add) per batch.
+
+    Returns one row per (expert, rank), at most `top` ranks per expert and only tokens the
+    expert was selected for (experts never selected have no rows):
+    `layer, expert, rank, token_id, token, count, fraction_of_expert, token_fraction`, where
+    `fraction_of_expert = count / (tokens routed to the expert)` and
+    `token_fraction = count / (occurrences of the token)` (1.0: the expert handles every
+    occurrence of that token). Rank 0 is the most frequent; ties keep token-id order.
+    """
+    model.cfg.check_moe_layer(layer)
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    n_experts, d_vocab = model.cfg.n_experts, model.cfg.d_vocab
+    pairs = torch.zeros(n_experts * d_vocab, dtype=torch.long, device=model.W_E.device)  # flat [E, V]
+    occurrences = torch.zeros(d_vocab, dtype=torch.long, device=model.W_E.device)
+
+    def count(tokens: torch.Tensor, mask: torch.Tensor, indices: Int[torch.Tensor, "batch pos k"], hook) -> None:
+        pair_ids = (indices[mask] * d_vocab + tokens[mask][:, None]).flatten()  # [n_tokens * k]
+        pairs.index_add_(0, pair_ids, torch.ones_like(pair_ids))
+
+    what = "top_tokens_per_expert"
+    for _, batch in corpus_batches(model, {"texts": texts}, max_length, batch_size, max_tokens, progress, what):
+        mask = batch.attention_mask.bool()
+        real = batch.tokens[mask]
+        occurrences.index_add_(0, real, torch.ones_like(real))
+        model.run_with_hooks(
+            batch.tokens,
+            attention_mask=batch.attention_mask,
+            stop_at_layer=layer + 1,
+            fwd_hooks=[(get_act_name("topk_indices", layer), partial(count, batch.tokens, mask))],
+        )
+    return _top_tokens_frame(model, layer, pairs.view(n_experts, d_vocab).cpu(), occurrences.cpu(), top)
+
+
+def _top_tokens_frame(
+    model, layer: int, pairs: Int[torch.Tensor, "E V"], occurrences: Int[torch.Tensor, " V"], top: int
+) -> pd.DataFrame:
+    """The table of :func:`top_tokens_per_expert` from the (expert, token) count table."""
+    counts, token_ids = pairs.sort(dim=-1, descending=True, stable=True)
+    counts, token_ids = counts[:, :top].numpy(), token_ids[:, :top].numpy()  # [E top]
+    expert_totals = pairs.sum(-1, keepdim=True).numpy()  # [E 1]
+    expert, rank = np.nonzero(counts)  # row-major: expert by expert, rank by rank
+    ids = token_ids[expert, rank]
+    return pd.DataFrame(
+        {
+            "layer": layer,
+            "expert": expert,
+            "rank": rank,
+            "token_id": ids,
+            "token": [model.tokenizer.decode([i]) for i in ids.tolist()],
+            "count": counts[expert, rank],
+            "fraction_of_expert": counts[expert, rank] / expert_totals[expert, 0],
+            "token_fraction": counts[expert, rank] / occurrences.numpy()[ids],
+        }
+    )

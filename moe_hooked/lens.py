@@ -1,0 +1,344 @@
+"""Logit lenses for MoE models, after "MoE Lens - An Expert Is All You Need" (Chaudhari et al., 2025).
+
+Every lens decodes a residual-stream vector `x` as `softmax(ln_final(x) @ W_U)`, with the
+final RMSNorm recomputed on `x` itself. `pos` and `batch` index the cache as it is: in a
+right-padded batch, `pos=-1` of a shorter sequence is padding.
+
+- :func:`logit_lens` -- the standard lens: `resid_pre` of every layer and the final `resid_post`.
+- :func:`expert_lens` -- the extended lens at one MoE layer's output:
+  `H^{l,k'} = u^l + sum of the k' highest-weighted expert outputs (times their weights)`,
+  `u^l = resid_mid`, for k' = 1..k; and each selected expert alone, `u^l + w_j E_j`.
+- :func:`expert_resid_stack` -- the `H^{l,k'}` vectors at every position, from a cache.
+- :func:`topk_cosine`, :func:`topk_cosine_from_cache` -- cosine similarity between
+  `H^{l,1}` and `H^{l,k}` per MoE layer, over all real tokens and over the last real token of
+  each sequence (the paper's variant); :func:`topk_cosine` streams over corpora.
+
+The shared expert (Qwen-MoE, DeepSeekMoE) is left out of `H` unless `include_shared=True`;
+with it, `H^{l,k} = resid_post`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+
+from moe_hooked.analysis.streaming import corpus_batches
+from moe_hooked.hook_names import get_act_name
+
+__all__ = [
+    "expert_lens",
+    "expert_resid_stack",
+    "logit_lens",
+    "token_topk_cosine",
+    "topk_cosine",
+    "topk_cosine_from_cache",
+]
+
+COSINE_VARIANTS = ("all_tokens", "last_token")
+
+
+# ---------------------------------------------------------------------------
+# Reading the cache
+# ---------------------------------------------------------------------------
+
+
+def _get(cache, name: str, layer: int) -> torch.Tensor:
+    full = get_act_name(name, layer)
+    try:
+        return cache[full]
+    except KeyError:
+        raise KeyError(f"the cache has no '{full}': run run_with_cache without a names_filter that drops it") from None
+
+
+def _at(x: Float[torch.Tensor, "batch pos ..."], batch: int, pos: int) -> Float[torch.Tensor, "..."]:
+    """`x[batch, pos]`, with an error naming the cache's size when either is out of range."""
+    n_batch, n_pos = x.shape[:2]
+    if not -n_batch <= batch < n_batch:
+        raise IndexError(f"batch={batch} is out of range: the cache holds {n_batch} sequence(s)")
+    if not -n_pos <= pos < n_pos:
+        raise IndexError(f"pos={pos} is out of range: the cache holds {n_pos} position(s)")
+    return x[batch, pos]
+
+
+def _moe_layers(model, layers: Sequence[int] | None) -> list[int]:
+    if layers is None:
+        return list(model.cfg.moe_layers)
+    return [model.cfg.check_moe_layer(layer) for layer in layers]
+
+
+def _check_shared(model, include_shared: bool) -> None:
+    if include_shared and not model.cfg.d_shared_expert:
+        raise ValueError(f"include_shared=True, but this {model.cfg.architecture} model has no shared expert")
+
+
+def _check_k(model, k: int) -> None:
+    if not 1 <= k <= model.cfg.top_k:
+        raise ValueError(f"k must be in [1, top_k={model.cfg.top_k}], got {k}")
+
+
+def _by_weight(
+    weights: Float[torch.Tensor, "... k"], *slot_tensors: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """`weights` and each `[... k ...]` tensor with the slots reordered by decreasing weight.
+
+    The router already emits slots in that order; this keeps the lens exact when a hook
+    has edited the weights.
+    """
+    order = weights.argsort(dim=-1, descending=True, stable=True)
+    dim = weights.ndim - 1
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        index = order.reshape(*order.shape, *[1] * (x.ndim - order.ndim)).expand(*order.shape, *x.shape[order.ndim :])
+        return x.gather(dim, index)
+
+    return (weights.gather(dim, order), *map(take, slot_tensors))
+
+
+def _accumulate(
+    base: Float[torch.Tensor, "... d_model"],
+    weights: Float[torch.Tensor, "... k"],
+    expert_out: Float[torch.Tensor, "... k d_model"],
+) -> Float[torch.Tensor, "... k d_model"]:
+    """`base + sum_{j < k'} w_j E_j` for k' = 1..k (slots already ordered by weight)."""
+    return base.unsqueeze(-2) + (weights.unsqueeze(-1) * expert_out).cumsum(dim=-2)
+
+
+def expert_resid_stack(
+    model, cache, layer: int, include_shared: bool = False
+) -> Float[torch.Tensor, "batch pos k d_model"]:
+    """`H^{l,k'}` for k' = 1..k at every position of MoE layer `layer`: `resid_mid` (plus the
+    shared expert's output if `include_shared`) plus the k' highest-weighted routed expert
+    outputs times their weights. Entry `k-1` is `resid_mid + routed_out` (`resid_post` with
+    the shared expert).
+
+    Reads `hook_resid_mid`, `hook_topk_weights`, `hook_expert_out` (and `hook_shared_out`).
+    """
+    model.cfg.check_moe_layer(layer)
+    _check_shared(model, include_shared)
+    weights, expert_out = _by_weight(_get(cache, "topk_weights", layer), _get(cache, "expert_out", layer))
+    base = _get(cache, "resid_mid", layer)
+    if include_shared:
+        base = base + _get(cache, "shared_out", layer)
+    return _accumulate(base, weights, expert_out)
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------
+
+
+def _token_strings(model, ids: Sequence[int]) -> list[str | None]:
+    if model.tokenizer is None:
+        return [None] * len(ids)
+    return [model.tokenizer.decode([i]) for i in ids]
+
+
+def _top_tokens(model, normalized: Float[torch.Tensor, "n d_model"], top: int, meta: pd.DataFrame) -> pd.DataFrame:
+    """Decode each row of `normalized` (already through `ln_final`): `top` rows per row of
+    `meta`, with `rank, token_id, token, prob` added (rank 0 = most probable)."""
+    if not 1 <= top <= model.cfg.d_vocab:
+        raise ValueError(f"top must be in [1, d_vocab={model.cfg.d_vocab}], got {top}")
+    probs = model.unembed(normalized).float().softmax(dim=-1)
+    top_probs, top_ids = probs.topk(top, dim=-1)
+    table = meta.loc[meta.index.repeat(top)].reset_index(drop=True)
+    table["rank"] = np.tile(np.arange(top), len(meta))
+    table["token_id"] = top_ids.flatten().cpu().numpy()
+    table["token"] = _token_strings(model, table["token_id"].tolist())
+    table["prob"] = top_probs.flatten().cpu().numpy()
+    return table
+
+
+@torch.no_grad()
+def logit_lens(model, cache, pos: int = -1, top: int = 5, batch: int = 0) -> pd.DataFrame:
+    """The standard logit lens at one position: `resid_pre` of every layer, then the final
+    `resid_post` (whose decoding is the model's own output distribution).
+
+    Returns `layer, label, rank, token_id, token, prob`: `top` rows per residual stream,
+    `layer` 0..n_layers (n_layers: the final `resid_post`), `label` as TransformerLens's
+    `accumulated_resid` ("0_pre", ..., "final_post").
+    """
+    _at(_get(cache, "resid_pre", 0), batch, pos)  # range check
+    normalized, labels = cache.accumulated_resid(apply_ln=True, pos_slice=pos, return_labels=True)
+    meta = pd.DataFrame({"layer": np.arange(len(labels)), "label": labels})
+    return _top_tokens(model, normalized[:, batch], top, meta)
+
+
+def _expert_lens_layer(
+    model, cache, layer: int, batch: int, pos: int, include_shared: bool, experts_alone: bool
+) -> tuple[Float[torch.Tensor, "n d_model"], pd.DataFrame]:
+    """The residual vectors expert_lens decodes at one layer, and their description rows."""
+
+    def at(name: str) -> torch.Tensor:
+        return _at(_get(cache, name, layer), batch, pos)
+
+    weights, indices, expert_out = _by_weight(at("topk_weights"), at("topk_indices"), at("expert_out"))
+    u = at("resid_mid")
+    shared = at("shared_out") if include_shared else None
+    top_k = weights.shape[-1]
+    rows = [dict(variant="resid_mid", k=0)]
+    vectors = [u[None]]
+    rows += [dict(variant=f"top{j}", k=j) for j in range(1, top_k + 1)]
+    vectors.append(_accumulate(u if shared is None else u + shared, weights, expert_out))
+    if experts_alone:
+        rows += [
+            dict(variant="expert", k=j + 1, expert=e, weight=w)
+            for j, (e, w) in enumerate(zip(indices.tolist(), weights.float().tolist()))
+        ]
+        vectors.append(u + weights[:, None] * expert_out)
+    if shared is not None:
+        rows.append(dict(variant="shared", k=0))
+        vectors.append((u + shared)[None])
+    rows.append(dict(variant="resid_post", k=top_k))
+    vectors.append(at("resid_post")[None])
+    meta = pd.DataFrame(rows, columns=["variant", "k", "expert", "weight"])
+    meta.insert(0, "layer", layer)
+    return torch.cat(vectors), meta
+
+
+@torch.no_grad()
+def expert_lens(
+    model,
+    cache,
+    pos: int = -1,
+    batch: int = 0,
+    top: int = 5,
+    layers: Sequence[int] | None = None,
+    include_shared: bool = False,
+    experts_alone: bool = True,
+) -> pd.DataFrame:
+    """The MoE Lens extended logit lens at one position, for every MoE layer (or `layers`).
+
+    Decodes, per layer `l` with `u = resid_mid` and the selected experts' weights `w_j` and
+    unweighted outputs `E_j` (ordered by decreasing weight):
+
+    - "resid_mid": `u` (k = 0);
+    - "top1".."top{k}": `H^{l,k'} = u + sum_{j<k'} w_j E_j` (k = k'), plus the shared
+      expert's output when `include_shared`;
+    - "expert" (if `experts_alone`): `u + w_j E_j` for each selected expert, with its
+      `expert` id, `weight`, and k = its rank among the selected (1 = highest weight);
+    - "shared" (if `include_shared`): `u + shared expert output` (k = 0);
+    - "resid_post": the block's output (k = top_k).
+
+    Returns `layer, variant, k, expert, weight, rank, token_id, token, prob`, `top` rows per
+    decoded vector (`expert` and `weight` are empty outside "expert" rows).
+    """
+    _check_shared(model, include_shared)
+    blocks = [_expert_lens_layer(model, cache, layer, batch, pos, include_shared, experts_alone)
+              for layer in _moe_layers(model, layers)]
+    vectors = torch.cat([v for v, _ in blocks])
+    meta = pd.concat([m for _, m in blocks], ignore_index=True).astype({"expert": "Int64", "weight": "float64"})
+    return _top_tokens(model, model.ln_final(vectors), top, meta)
+
+
+# ---------------------------------------------------------------------------
+# Top-1 vs top-k cosine similarity
+# ---------------------------------------------------------------------------
+
+
+def token_topk_cosine(
+    model, cache, layer: int, k: int = 1, include_shared: bool = False
+) -> Float[torch.Tensor, "batch pos"]:
+    """cos(H^{l,k}, H^{l,top_k}) at every position of MoE layer `layer` (k = 1: the paper's
+    top-1 vs top-k), computed in float32."""
+    _check_k(model, k)
+    stack = expert_resid_stack(model, cache, layer, include_shared).float()
+    return F.cosine_similarity(stack[..., k - 1, :], stack[..., -1, :], dim=-1)
+
+
+def _last_real(mask: Bool[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
+    """True at the last real token of each sequence (rows without real tokens: nowhere)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask * positions).argmax(dim=-1)
+    out = torch.zeros_like(mask)
+    out[torch.arange(mask.shape[0], device=mask.device), last] = True
+    return out & mask
+
+
+def _cosine_sums(
+    model, cache, mask: Bool[torch.Tensor, "batch pos"], k: int, include_shared: bool
+) -> Float[torch.Tensor, "layer variant 2"]:
+    """Per MoE layer and variant (all real tokens, last real token): (sum of cosines, n tokens)."""
+    selections = (mask, _last_real(mask))
+    sums = []
+    for layer in model.cfg.moe_layers:
+        cosine = token_topk_cosine(model, cache, layer, k, include_shared).double()
+        sums.append(torch.stack([torch.stack([cosine[m].sum(), m.sum().double()]) for m in selections]))
+    return torch.stack(sums).cpu()
+
+
+def _cosine_frame(model, sums: Float[torch.Tensor, "layer variant 2"]) -> pd.DataFrame:
+    """`layer, variant, cosine, n_tokens` from accumulated sums (mean cosine = sum / n)."""
+    layers = np.repeat(np.asarray(model.cfg.moe_layers), len(COSINE_VARIANTS))
+    total, n = sums.reshape(-1, 2).numpy().T
+    return pd.DataFrame(
+        {
+            "layer": layers,
+            "variant": COSINE_VARIANTS * len(model.cfg.moe_layers),
+            "cosine": total / n,
+            "n_tokens": n.astype(np.int64),
+        }
+    )
+
+
+def topk_cosine_from_cache(
+    model,
+    cache,
+    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+    k: int = 1,
+    include_shared: bool = False,
+) -> pd.DataFrame:
+    """Mean cos(H^{l,k}, H^{l,top_k}) per MoE layer over one cache's real tokens.
+
+    `attention_mask` [batch pos] marks the real tokens (default: all). Returns `layer,
+    variant, cosine, n_tokens`, with variant "all_tokens" (every real token) and
+    "last_token" (the last real token of each sequence, as the paper).
+    """
+    _check_k(model, k)
+    first = _get(cache, "resid_mid", model.cfg.moe_layers[0])
+    mask = torch.ones(first.shape[:2], dtype=torch.bool, device=first.device)
+    if attention_mask is not None:
+        mask = attention_mask.to(first.device).bool()
+    return _cosine_frame(model, _cosine_sums(model, cache, mask, k, include_shared))
+
+
+@torch.inference_mode()
+def topk_cosine(
+    model,
+    corpora: Mapping[str, Sequence[str]],
+    max_length: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    k: int = 1,
+    include_shared: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Mean cos(H^{l,k}, H^{l,top_k}) per domain and MoE layer, streamed over `corpora`.
+
+    Texts are batched as by `routing_stats` (chunks of at most `max_length` tokens, default
+    the model's context; `max_tokens` per domain). Only the hooks the cosine reads are cached,
+    and the forward pass stops after the last MoE layer. A "last_token" is the last real token
+    of each chunk.
+
+    Returns `domain, layer, variant, cosine, n_tokens` (variants "all_tokens", "last_token").
+    """
+    _check_k(model, k)
+    _check_shared(model, include_shared)
+    hooks = ("resid_mid", "topk_weights", "expert_out") + (("shared_out",) if include_shared else ())
+    names = [get_act_name(name, layer) for layer in model.cfg.moe_layers for name in hooks]
+    sums = torch.zeros(len(corpora), len(model.cfg.moe_layers), len(COSINE_VARIANTS), 2, dtype=torch.float64)
+    for d, batch in corpus_batches(model, corpora, max_length, batch_size, max_tokens, progress, "topk_cosine"):
+        _, cache = model.run_with_cache(
+            batch.tokens,
+            attention_mask=batch.attention_mask,
+            names_filter=names,
+            stop_at_layer=max(model.cfg.moe_layers) + 1,
+        )
+        sums[d] += _cosine_sums(model, cache, batch.attention_mask.bool(), k, include_shared)
+    frames = [_cosine_frame(model, sums[d]) for d in range(len(corpora))]
+    table = pd.concat(frames, keys=list(corpora), names=["domain", None]).reset_index(level=0)
+    return table.reset_index(drop=True)
