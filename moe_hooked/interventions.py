@@ -1,0 +1,478 @@
+"""Interventions on the routing and the experts, as ordinary TransformerLens hooks.
+
+Every intervention takes the model (or its `MoEConfig`) first, validates its arguments
+against it, and returns a list of `(hook_name, hook_fn)` pairs, usable as::
+
+    model.run_with_hooks(tokens, fwd_hooks=ablate_experts(model, {3: [12]}))
+    with model.hooks(fwd_hooks=keep_top_k(model, 1) + route_to(model, 5, [0, 7])):
+        logits, cache = model.run_with_cache(tokens)   # the cache sees the edited run
+
+Lists concatenate, so interventions compose with each other and with any other hook; hooks
+on one hook point run in list order. Some interventions need the routing of the current
+token in a later hook of the same layer (e.g. which expert sits in each slot when editing
+`hook_topk_weights`): they add a hook that records `hook_topk_indices` (or
+`hook_router_logits`) as it is at that point of the list, so put hooks that edit those
+before them.
+
+- `ablate_experts(model, {layer: [ids]}, mode)`: "zero" (contribution removed, other weights
+  kept), "reroute" (masked out of the router, the token goes to the next-best expert) or
+  "mean" (output replaced by its mean over a reference set, see `expert_output_means`).
+- `keep_top_k(model, k)`: keep the k highest-weighted slots of each token.
+- `route_to(model, layer, experts)`: send every token to the given experts.
+- `patch_expert_outputs(model, source_cache, layers)`: activation patching of the expert
+  outputs from a clean run.
+
+A slot whose weight is 0 is not computed by the experts (its `hook_expert_out` holds zeros), so
+"zero" ablation, `keep_top_k` and the padding slots of `route_to` really save expert compute.
+
+To study experts that were *not* selected, run inside `with model.all_experts():`: every
+MoE layer then also runs every expert on every token and exposes
+`blocks.{l}.mlp.hook_all_expert_out` [batch pos n_experts d_model]. That costs
+n_experts / top_k times the routed-expert compute and, when cached,
+batch * pos * n_experts * d_model values per layer (n_experts / top_k times `hook_expert_out`:
+8x for OLMoE, 64 experts of which 8 are selected), so cache it for few layers at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from transformer_lens.hook_points import HookPoint
+
+from moe_hooked.config import MoEConfig
+from moe_hooked.hook_names import get_act_name
+
+HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]
+FwdHooks = list[tuple[str, HookFn]]
+AblationMode = Literal["zero", "reroute", "mean"]
+PATCHABLE = ("expert_out", "routed_out", "shared_out")
+
+__all__ = [
+    "FwdHooks",
+    "ablate_experts",
+    "expert_output_means",
+    "keep_top_k",
+    "patch_expert_outputs",
+    "route_to",
+]
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _cfg(model) -> MoEConfig:
+    cfg = getattr(model, "cfg", model)
+    if not isinstance(cfg, MoEConfig):
+        raise TypeError(f"expected a HookedMoETransformer or its MoEConfig, got {type(model).__name__}")
+    return cfg
+
+
+def _layers(cfg: MoEConfig, layers: int | Iterable[int] | None) -> list[int]:
+    """MoE layer ids: all of them for None, else the given ones (each checked)."""
+    if layers is None:
+        return list(cfg.moe_layers)
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    if not layers:
+        raise ValueError(f"no layer given: pick MoE layers among {list(cfg.moe_layers)}")
+    return [cfg.check_moe_layer(layer) for layer in layers]
+
+
+def _expert_ids(cfg: MoEConfig, experts: int | Iterable[int]) -> list[int]:
+    ids = [experts] if isinstance(experts, int) else [int(e) for e in experts]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"expert ids {ids} contain duplicates")
+    return [cfg.check_expert(e) for e in ids]
+
+
+def _expert_spec(cfg: MoEConfig, experts: Mapping[int, int | Iterable[int]]) -> dict[int, list[int]]:
+    """`{layer: [expert ids]}` checked against the model; layers with no ids are dropped."""
+    if not isinstance(experts, Mapping):
+        raise TypeError(f"experts must be a dict {{layer: [expert ids]}}, got {type(experts).__name__}")
+    spec = {cfg.check_moe_layer(layer): _expert_ids(cfg, ids) for layer, ids in experts.items()}
+    return {layer: ids for layer, ids in spec.items() if ids}
+
+
+def _check_k(cfg: MoEConfig, k: int) -> int:
+    if not 1 <= k <= cfg.top_k:
+        raise ValueError(f"k must be in 1..{cfg.top_k} (the model's top-k), got {k}")
+    return k
+
+
+class _Latest:
+    """Records the last tensor seen at a hook point, for a later hook of the same forward pass."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def record(self, x: torch.Tensor, hook: HookPoint) -> None:
+        self.value = x
+
+
+# ----------------------------------------------------------------------------- ablation
+def ablate_experts(
+    model,
+    experts: Mapping[int, int | Iterable[int]],
+    mode: AblationMode = "zero",
+    mean_from=None,
+) -> FwdHooks:
+    """Hooks that ablate routed experts, `experts` = `{layer: [expert ids]}`.
+
+    - "zero": in every slot holding an ablated expert the weight (`hook_topk_weights`) is set
+      to 0, so the expert's contribution is removed and it is not computed; the other selected
+      experts keep their weights (nothing is renormalised, the token uses fewer experts).
+    - "reroute": the ablated experts' router logits (`hook_router_logits`) are set to -inf before
+      the softmax and the top-k, so every token takes the next-best experts instead. The
+      softmax then runs over the remaining experts only: every remaining probability is
+      p_j / (1 - sum of the ablated p_i), the top-k is taken over these, and
+      `norm_topk_prob` models renormalise the k weights to sum to one as usual.
+      `hook_router_probs` shows the renormalised probabilities. At least top_k experts must
+      remain.
+    - "mean": in every slot holding an ablated expert, `hook_expert_out` is replaced by that
+      expert's mean output; routing and weights are unchanged (the expert is still computed).
+      `mean_from` gives the means: an `ActivationCache` of a reference run (see
+      `expert_output_means` for what is averaged), the dict `{layer: [n_experts d_model]}` that
+      `expert_output_means` returns, or one [n_experts d_model] tensor when ablating one layer.
+    """
+    cfg = _cfg(model)
+    spec = _expert_spec(cfg, experts)
+    if mode == "zero":
+        return [hook for layer, ids in spec.items() for hook in _zero_hooks(layer, ids)]
+    if mode == "reroute":
+        return [hook for layer, ids in spec.items() for hook in _reroute_hooks(cfg, layer, ids)]
+    if mode == "mean":
+        means = _means_for(cfg, spec, mean_from)
+        return [hook for layer, ids in spec.items() for hook in _mean_hooks(layer, ids, means[layer])]
+    raise ValueError(f"unknown ablation mode '{mode}': use 'zero', 'reroute' or 'mean'")
+
+
+def _zero_hooks(layer: int, ids: list[int]) -> FwdHooks:
+    routing = _Latest()
+
+    def zero_weights(weights: Float[torch.Tensor, "batch pos k"], hook: HookPoint) -> torch.Tensor:
+        ablated = torch.isin(routing.value, torch.tensor(ids, device=weights.device))
+        return weights.masked_fill(ablated, 0)
+
+    return [(get_act_name("topk_indices", layer), routing.record), (get_act_name("topk_weights", layer), zero_weights)]
+
+
+def _reroute_hooks(cfg: MoEConfig, layer: int, ids: list[int]) -> FwdHooks:
+    if cfg.n_experts - len(ids) < cfg.top_k:
+        raise ValueError(
+            f"rerouting {len(ids)} of the {cfg.n_experts} experts of layer {layer} leaves fewer than "
+            f"top_k={cfg.top_k}: mask at most {cfg.n_experts - cfg.top_k} experts per layer"
+        )
+
+    def mask_logits(logits: Float[torch.Tensor, "batch pos n_experts"], hook: HookPoint) -> torch.Tensor:
+        return logits.index_fill(-1, torch.tensor(ids, device=logits.device), float("-inf"))
+
+    return [(get_act_name("router_logits", layer), mask_logits)]
+
+
+def _mean_hooks(layer: int, ids: list[int], means: Float[torch.Tensor, "n_experts d_model"]) -> FwdHooks:
+    routing = _Latest()
+
+    def replace_outputs(expert_out: Float[torch.Tensor, "batch pos k d_model"], hook: HookPoint) -> torch.Tensor:
+        indices = routing.value
+        ablated = torch.isin(indices, torch.tensor(ids, device=indices.device))
+        return torch.where(ablated[..., None], means.to(expert_out)[indices], expert_out)
+
+    return [(get_act_name("topk_indices", layer), routing.record), (get_act_name("expert_out", layer), replace_outputs)]
+
+
+def _means_for(cfg: MoEConfig, spec: dict[int, list[int]], mean_from) -> dict[int, torch.Tensor]:
+    """The [n_experts d_model] mean outputs of every ablated layer, checked."""
+    if mean_from is None:
+        raise ValueError("mode='mean' needs mean_from=: a reference run's cache, or expert_output_means(...)")
+    if isinstance(mean_from, torch.Tensor):
+        if len(spec) != 1:
+            raise ValueError(
+                f"one tensor of means was given for {len(spec)} layers: pass a dict {{layer: [n_experts d_model]}}"
+            )
+        means = {layer: mean_from for layer in spec}
+    elif _is_cache(mean_from):
+        means = {layer: _means_from_cache(cfg, mean_from, layer) for layer in spec}
+    else:
+        means = dict(mean_from)
+    for layer, ids in spec.items():
+        _check_means(cfg, layer, ids, means.get(layer))
+    return means
+
+
+def _check_means(cfg: MoEConfig, layer: int, ids: list[int], means: torch.Tensor | None) -> None:
+    if means is None:
+        raise ValueError(f"mean_from has no means for layer {layer}")
+    if tuple(means.shape) != (cfg.n_experts, cfg.d_model):
+        raise ValueError(
+            f"the means of layer {layer} have shape {tuple(means.shape)}, expected "
+            f"[n_experts d_model] = {(cfg.n_experts, cfg.d_model)}"
+        )
+    undefined = [e for e in ids if not torch.isfinite(means[e]).all()]
+    if undefined:
+        raise ValueError(
+            f"experts {undefined} of layer {layer} were never selected in the reference set, so their "
+            "mean output is undefined: use a larger reference set"
+        )
+
+
+# ----------------------------------------------------------------------------- expert means
+def _is_cache(x) -> bool:
+    """An `ActivationCache`, or a plain dict of activations keyed by hook name."""
+    return hasattr(x, "cache_dict") or (isinstance(x, Mapping) and all(isinstance(key, str) for key in x))
+
+
+def _cache_tensors(cfg: MoEConfig, cache, layer: int, names: Sequence[str], what: str) -> list[torch.Tensor]:
+    """`cache`'s activations of `names` at `layer`, or a ValueError naming the missing hooks."""
+    cache_dict = getattr(cache, "cache_dict", cache)
+    keys = [get_act_name(name, layer) for name in names]
+    missing = [key for key in keys if key not in cache_dict]
+    if missing:
+        raise ValueError(
+            f"{what} needs {missing} in the cache: run run_with_cache without names_filter, or with "
+            f"a filter that keeps {keys}"
+        )
+    return [cache_dict[key] for key in keys]
+
+
+def _expert_sums(
+    cfg: MoEConfig,
+    indices: Int[torch.Tensor, "... k"],
+    expert_out: Float[torch.Tensor, "... k d_model"],
+    selected: Bool[torch.Tensor, "... k"],
+) -> tuple[Float[torch.Tensor, "n_experts d_model"], Int[torch.Tensor, " n_experts"]]:
+    """Sum of `expert_out` over the `selected` slots, per expert id, and the number of slots."""
+    ids = indices[selected]
+    sums = torch.zeros(cfg.n_experts, cfg.d_model, dtype=torch.float64, device=expert_out.device)
+    sums.index_add_(0, ids, expert_out[selected].double())
+    return sums, torch.bincount(ids, minlength=cfg.n_experts)
+
+
+def _cached_sums(cfg: MoEConfig, cache, layer: int, real: torch.Tensor | None = None):
+    """`_expert_sums` of a cache at `layer`, over the slots with a nonzero weight (when the cache
+    has `hook_topk_weights`) at real positions (`real` [batch pos], when given)."""
+    indices, expert_out = _cache_tensors(cfg, cache, layer, ("topk_indices", "expert_out"), "a mean over a cache")
+    if indices.shape[-1] != cfg.top_k or expert_out.shape != (*indices.shape, cfg.d_model):
+        raise ValueError(
+            f"the cache's hook_topk_indices {tuple(indices.shape)} and hook_expert_out "
+            f"{tuple(expert_out.shape)} at layer {layer} do not fit this model (k={cfg.top_k}, d_model={cfg.d_model})"
+        )
+    cache_dict = getattr(cache, "cache_dict", cache)
+    weights = cache_dict.get(get_act_name("topk_weights", layer))
+    selected = torch.ones_like(indices, dtype=torch.bool) if weights is None else weights != 0
+    if real is not None:
+        selected = selected & real.bool()[..., None]
+    return _expert_sums(cfg, indices, expert_out, selected)
+
+
+def _means(sums: torch.Tensor, counts: torch.Tensor) -> Float[torch.Tensor, "n_experts d_model"]:
+    """sums / counts as float32; NaN rows for experts never selected."""
+    return (sums / counts[:, None]).float()
+
+
+def _means_from_cache(cfg: MoEConfig, cache, layer: int) -> Float[torch.Tensor, "n_experts d_model"]:
+    return _means(*_cached_sums(cfg, cache, layer))
+
+
+def expert_output_means(
+    model,
+    tokens_or_texts: Int[torch.Tensor, "batch pos"] | Sequence[str],
+    layers: int | Iterable[int] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> dict[int, Float[torch.Tensor, "n_experts d_model"]]:
+    """Each expert's mean output over a reference set, for `ablate_experts(mode="mean")`.
+
+    The mean of `hook_expert_out` over the slots where that expert was selected with a nonzero
+    weight, over all batches and (real) positions; NaN rows for experts never selected.
+    `tokens_or_texts`: token ids [batch pos] (every position counts) or texts, streamed in padded
+    batches of `batch_size` chunks of at most `max_length` tokens (default `cfg.n_ctx`).
+    Returns `{layer: [n_experts d_model]}` for the MoE `layers` (default all).
+    """
+    cfg = _cfg(model)
+    layers = _layers(cfg, layers)
+    sums = {layer: 0 for layer in layers}
+    counts = {layer: 0 for layer in layers}
+    names = [get_act_name(name, layer) for layer in layers for name in ("topk_indices", "topk_weights", "expert_out")]
+    with torch.inference_mode():
+        for tokens, mask in _reference_batches(model, tokens_or_texts, batch_size, max_length, progress):
+            _, cache = model.run_with_cache(
+                tokens, attention_mask=mask, return_type=None, stop_at_layer=max(layers) + 1, names_filter=names
+            )
+            for layer in layers:
+                layer_sums, layer_counts = _cached_sums(cfg, cache, layer, mask)
+                sums[layer] = sums[layer] + layer_sums
+                counts[layer] = counts[layer] + layer_counts
+    return {layer: _means(sums[layer], counts[layer]) for layer in layers}
+
+
+def _reference_batches(model, tokens_or_texts, batch_size: int, max_length: int | None, progress: bool):
+    """Yield (tokens [batch pos], attention mask [batch pos]) batches on the model's device."""
+    if isinstance(tokens_or_texts, torch.Tensor):
+        tokens = torch.atleast_2d(tokens_or_texts).to(model.W_E.device)
+        for batch in tokens.split(batch_size):
+            yield batch, torch.ones_like(batch)
+        return
+    # imported here: moe_hooked.analysis imports this module
+    from moe_hooked.analysis.streaming import corpus_batches
+
+    corpus = {"reference": list(tokens_or_texts)}
+    for _, batch in corpus_batches(model, corpus, max_length, batch_size, progress=progress, what="expert_output_means"):
+        yield batch.tokens, batch.attention_mask
+
+
+# ----------------------------------------------------------------------------- top-k and routing
+def keep_top_k(model, k: int, layers: int | Iterable[int] | None = None, renormalize: bool = False) -> FwdHooks:
+    """Hooks that keep only the k highest-weighted slots (slots 0..k-1) of every token.
+
+    The kept slots keep the weights the model computed and the other slots get weight 0 (so
+    their experts are not computed). This is the paper's top-1..top-k experiment; for models
+    without `norm_topk_prob` it equals running the original model with k experts per token.
+    `renormalize=True` scales the kept weights so that they sum to the original sum of all
+    top_k weights. `k` = the model's top_k changes nothing. `layers`: MoE layers (default all).
+    """
+    cfg = _cfg(model)
+    _check_k(cfg, k)
+
+    def keep(weights: Float[torch.Tensor, "batch pos k"], hook: HookPoint) -> torch.Tensor:
+        kept = weights[..., :k]
+        if renormalize:
+            kept_sum = kept.sum(-1, keepdim=True)
+            scale = torch.where(kept_sum != 0, weights.sum(-1, keepdim=True) / kept_sum, 0)
+            kept = kept * scale
+        return torch.cat([kept, torch.zeros_like(weights[..., k:])], dim=-1)
+
+    return [(get_act_name("topk_weights", layer), keep) for layer in _layers(cfg, layers)]
+
+
+def route_to(model, layer: int, experts: int | Iterable[int]) -> FwdHooks:
+    """Hooks that send every token of MoE `layer` to exactly the given experts.
+
+    With m = len(experts) <= top_k, slots 0..m-1 hold the given experts in the given order,
+    weighted by the router's softmax restricted to them: softmax(logits[experts]) in float32,
+    which sums to one whatever `norm_topk_prob` says. The remaining top_k - m slots hold the
+    best other experts by router logit with weight 0 (so they are not computed).
+    `hook_router_logits` / `hook_router_probs` are left as the router computed them.
+    """
+    cfg = _cfg(model)
+    cfg.check_moe_layer(layer)
+    ids = _expert_ids(cfg, experts)
+    if not 1 <= len(ids) <= cfg.top_k:
+        raise ValueError(f"route_to takes 1..{cfg.top_k} experts (the model's top-k), got {len(ids)}")
+    logits = _Latest()
+
+    def force_indices(indices: Int[torch.Tensor, "batch pos k"], hook: HookPoint) -> torch.Tensor:
+        forced = torch.tensor(ids, device=indices.device)
+        others = logits.value.index_fill(-1, forced, float("-inf")).topk(cfg.top_k - len(ids), dim=-1).indices
+        return torch.cat([forced.expand(*indices.shape[:-1], len(ids)), others], dim=-1).to(indices.dtype)
+
+    def force_weights(weights: Float[torch.Tensor, "batch pos k"], hook: HookPoint) -> torch.Tensor:
+        restricted = F.softmax(logits.value[..., ids], dim=-1, dtype=torch.float32).to(weights.dtype)
+        return torch.cat([restricted, torch.zeros_like(weights[..., len(ids) :])], dim=-1)
+
+    return [
+        (get_act_name("router_logits", layer), logits.record),
+        (get_act_name("topk_indices", layer), force_indices),
+        (get_act_name("topk_weights", layer), force_weights),
+    ]
+
+
+# ----------------------------------------------------------------------------- activation patching
+def patch_expert_outputs(
+    model,
+    source_cache,
+    layers: int | Iterable[int] | None,
+    slots: int | Sequence[int] | None = None,
+    positions: int | Sequence[int] | None = None,
+    hooks: Sequence[str] = ("expert_out",),
+    match: Literal["slot", "expert"] = "slot",
+) -> FwdHooks:
+    """Hooks that patch expert outputs from a clean run (`source_cache`) into the current run.
+
+    `hooks` names what is patched at each MoE layer in `layers` (None: all): "expert_out"
+    (`hook_expert_out` [batch pos k d_model], the unweighted output of each slot's expert),
+    "routed_out" (`hook_routed_out`, the weighted sum of the routed experts) and/or
+    "shared_out" (`hook_shared_out`, models with a shared expert). `positions` restricts the
+    patch to those positions and `slots` (with "expert_out") to those slots; None means all.
+    The current run must have the source's batch and pos sizes.
+
+    `hook_expert_out` is patched per *slot*. If the current run routes a token differently, a
+    patched slot carries the clean output of the expert the *clean* run had in that slot,
+    multiplied by the *current* run's weight for that slot (which belongs to another expert).
+    `match="expert"` patches only the slots whose expert id is the clean run's id at that slot
+    (the source cache then needs `hook_topk_indices`); patch "routed_out" to transplant the whole
+    weighted mix of the routed experts instead.
+    """
+    cfg = _cfg(model)
+    layers = _layers(cfg, layers)
+    names = _patch_names(cfg, hooks, slots, match)
+    slots = _slot_ids(cfg, slots)
+    result = []
+    for layer in layers:
+        clean = dict(zip(names, _cache_tensors(cfg, source_cache, layer, names, "patch_expert_outputs")))
+        for name in names:
+            _check_source_shape(cfg, layer, name, clean[name])
+        for name in hooks:
+            result += _patch_hooks(layer, name, clean, positions, slots if name == "expert_out" else None, match)
+    return result
+
+
+def _patch_names(cfg: MoEConfig, hooks: Sequence[str], slots, match: str) -> list[str]:
+    """The source activations the patch needs, after checking the options."""
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    unknown = [name for name in hooks if name not in PATCHABLE]
+    if unknown or not hooks:
+        raise ValueError(f"hooks must be a non-empty subset of {PATCHABLE}, got {hooks}")
+    if "shared_out" in hooks and not cfg.d_shared_expert:
+        raise ValueError(f"this {cfg.architecture} model has no shared expert: 'shared_out' cannot be patched")
+    if match not in ("slot", "expert"):
+        raise ValueError(f"match must be 'slot' or 'expert', got '{match}'")
+    if (slots is not None or match == "expert") and "expert_out" not in hooks:
+        raise ValueError("slots= and match='expert' apply to hook_expert_out: include 'expert_out' in hooks")
+    return hooks + (["topk_indices"] if match == "expert" else [])
+
+
+def _slot_ids(cfg: MoEConfig, slots: int | Sequence[int] | None) -> list[int] | None:
+    if slots is None:
+        return None
+    slots = [slots] if isinstance(slots, int) else list(slots)
+    bad = [s for s in slots if not 0 <= s < cfg.top_k]
+    if bad:
+        raise ValueError(f"slots {bad} are out of range: valid slots are 0..{cfg.top_k - 1} (top_k={cfg.top_k})")
+    return slots
+
+
+def _check_source_shape(cfg: MoEConfig, layer: int, name: str, tensor: torch.Tensor) -> None:
+    """Trailing dims of a source activation must match this model (k, d_model)."""
+    trailing = {"expert_out": (cfg.top_k, cfg.d_model), "topk_indices": (cfg.top_k,)}.get(name, (cfg.d_model,))
+    if tensor.ndim != 2 + len(trailing) or tuple(tensor.shape[2:]) != trailing:
+        raise ValueError(
+            f"source_cache's {get_act_name(name, layer)} has shape {tuple(tensor.shape)}, but this model's is "
+            f"[batch pos {' '.join(map(str, trailing))}] (k={cfg.top_k}, d_model={cfg.d_model}): the cache "
+            "comes from a model of another shape (or was cached without its batch dim)"
+        )
+
+
+def _patch_hooks(layer: int, name: str, clean: dict, positions, slots: list[int] | None, match: str) -> FwdHooks:
+    source = clean[name]
+    routing = _Latest()
+
+    def patch(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        if act.shape != source.shape:
+            raise ValueError(
+                f"cannot patch {hook.name}: the source has shape {tuple(source.shape)} but this run's is "
+                f"{tuple(act.shape)}: run on inputs with the source's batch and pos sizes"
+            )
+        where = torch.zeros(act.shape[:-1], dtype=torch.bool, device=act.device)
+        where[:, slice(None) if positions is None else positions] = True
+        if slots is not None:
+            where[..., [s for s in range(act.shape[2]) if s not in slots]] = False
+        if match == "expert" and name == "expert_out":
+            where &= routing.value == clean["topk_indices"].to(act.device)
+        return torch.where(where[..., None], source.to(act), act)
+
+    hooks = [(get_act_name(name, layer), patch)]
+    if match == "expert" and name == "expert_out":
+        hooks.insert(0, (get_act_name("topk_indices", layer), routing.record))
+    return hooks
