@@ -10,15 +10,16 @@ from moe_hooked.analysis.counts import (
     specialization,
     uniform_baseline,
 )
+from moe_hooked.analysis.perplexity import perplexity_vs_top_k, pruning_curve
 from moe_hooked.analysis.routing import routing_stats, top_tokens_per_expert
-
-# moe_hooked.analysis.perplexity (perplexity_vs_top_k, pruning_curve) is exported here, with its names in __all__.
 
 __all__ = [
     "RoutingCounts",
     "coactivation_matrix",
     "coverage",
     "domain_specialists",
+    "perplexity_vs_top_k",
+    "pruning_curve",
     "routing_entropy",
     "routing_stats",
     "specialization",
