@@ -108,13 +108,7 @@ def config_from_hf(raw: dict) -> MoEConfig:
     top_k, n_shared = hf["num_experts_per_tok"], hf["n_shared_experts"]
     return MoEConfig(
         architecture=MODEL_TYPE,
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        n_key_value_heads=hf["num_key_value_heads"] or hf["num_attention_heads"],
-        d_head=hf["hidden_size"] // hf["num_attention_heads"],
-        d_vocab=hf["vocab_size"],
-        n_ctx=hf["max_position_embeddings"],
+        **llama_like.common_fields(hf),
         n_experts=hf["n_routed_experts"],
         top_k=top_k,
         d_expert=hf["moe_intermediate_size"],
@@ -124,13 +118,6 @@ def config_from_hf(raw: dict) -> MoEConfig:
         norm_topk_eps=NORM_TOPK_EPS,
         router_dtype="model",
         d_shared_expert=n_shared * hf["moe_intermediate_size"] if n_shared else None,
-        rope_theta=float(hf["rope_theta"]),
-        eps=hf["rms_norm_eps"],
-        tie_word_embeddings=hf["tie_word_embeddings"],
-        act_fn=hf["hidden_act"],
-        bos_token_id=hf["bos_token_id"],
-        eos_token_id=hf["eos_token_id"],
-        pad_token_id=hf["pad_token_id"],
         default_prepend_bos=PREPENDS_BOS,
         original_config=raw,
     )

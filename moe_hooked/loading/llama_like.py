@@ -6,6 +6,7 @@ and, for stacked expert weights, the expert index to fill.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from moe_hooked.config import MoEConfig
@@ -64,10 +65,34 @@ def _mlp_names(hub: str, ours: str) -> dict[str, Target]:
     return {f"{hub}{proj}_proj.weight": Target(f"{ours}w_{proj}") for proj in ("gate", "up", "down")}
 
 
-def rope_theta(hf_config) -> float:
-    """RoPE base of a transformers config; only plain (unscaled) RoPE is supported."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
+def common_fields(hf: Mapping) -> dict:
+    """The `MoEConfig` fields every Llama-derived config.json spells the same way.
+
+    `hf` is the config as a dict with the family's defaults filled in.
+    """
+    heads = hf["num_attention_heads"]
+    return dict(
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_key_value_heads=hf.get("num_key_value_heads") or heads,
+        d_head=hf.get("head_dim") or hf["hidden_size"] // heads,
+        d_vocab=hf["vocab_size"],
+        n_ctx=hf["max_position_embeddings"],
+        rope_theta=rope_theta(hf),
+        eps=hf["rms_norm_eps"],
+        tie_word_embeddings=hf["tie_word_embeddings"],
+        act_fn=hf["hidden_act"],
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def rope_theta(hf: Mapping) -> float:
+    """RoPE base of a config dict; only plain (unscaled) RoPE is supported."""
+    params = hf.get("rope_parameters") or {}
     rope_type = params.get("rope_type", "default")
     if rope_type != "default":
         raise UnsupportedArchitectureError(f"RoPE scaling '{rope_type}' is not supported yet; only plain RoPE is")
-    return float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    return float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)

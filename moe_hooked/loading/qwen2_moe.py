@@ -31,13 +31,7 @@ def config_from_hf(raw: dict) -> MoEConfig:
         raise UnsupportedArchitectureError("qwen2_moe with use_sliding_window=true is not supported yet")
     return MoEConfig(
         architecture=MODEL_TYPE,
-        d_model=hf.hidden_size,
-        n_layers=hf.num_hidden_layers,
-        n_heads=hf.num_attention_heads,
-        n_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads,
-        d_head=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-        d_vocab=hf.vocab_size,
-        n_ctx=hf.max_position_embeddings,
+        **llama_like.common_fields(hf.to_dict()),
         n_experts=hf.num_experts,
         top_k=hf.num_experts_per_tok,
         d_expert=hf.moe_intermediate_size,
@@ -48,13 +42,6 @@ def config_from_hf(raw: dict) -> MoEConfig:
         d_shared_expert=hf.shared_expert_intermediate_size or None,
         shared_expert_gated=bool(hf.shared_expert_intermediate_size),
         qkv_bias=hf.qkv_bias,
-        rope_theta=llama_like.rope_theta(hf),
-        eps=hf.rms_norm_eps,
-        tie_word_embeddings=hf.tie_word_embeddings,
-        act_fn=hf.hidden_act,
-        bos_token_id=hf.bos_token_id,
-        eos_token_id=hf.eos_token_id,
-        pad_token_id=hf.pad_token_id,
         default_prepend_bos=PREPENDS_BOS,
         original_config=raw,
     )
