@@ -1,0 +1,445 @@
+"""The `moe-hooked report`: run every analysis on a model and corpora, write a browsable folder.
+
+:func:`build_report` is the whole thing, callable from Python; the console script
+(`moe_hooked.cli`) only parses arguments. It runs in two phases:
+
+1. :func:`prepare_report` checks every input before any long work: the output folder (refused
+   if it exists, unless `overwrite`), the corpora (files must exist and hold text), the
+   model (it must load and have a tokenizer and MoE layers). Problems raise
+   :class:`ReportError` with a message naming the input and what to do.
+2. :func:`write_report` runs the analyses and writes, into a temporary sibling folder that is
+   renamed to `out` at the end (a failed run leaves no half-written report):
+
+   - `index.html`: figures, tables, the model's config, the exact command and package versions;
+     opens offline (figures are PNG files beside it, no external request);
+   - `counts.json` (:meth:`RoutingCounts.save`), `specialization.csv`, `coverage.csv`,
+     `entropy.csv`, `specialists.csv` (two domains or more), `cosine.csv`, `perplexity.csv`,
+     `pruning.csv`, `expert_lens.csv` (one sample prompt per domain);
+   - `figures/*.png`; per sample prompt `expert_lens_<domain>.html` (the grid) and
+     `routing_<domain>.html` (a circuitsvis view, JavaScript embedded);
+   - `report.json`: model, options, command, versions, timings and the file list.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import platform
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from moe_hooked.analysis import (
+    RoutingCounts,
+    coactivation_matrix,
+    coverage,
+    domain_specialists,
+    perplexity_vs_top_k,
+    pruning_curve,
+    routing_entropy,
+    routing_stats,
+    specialization,
+)
+from moe_hooked.data import builtin_corpora, load_corpora
+from moe_hooked.lens import expert_lens, topk_cosine
+from moe_hooked.loading import CheckpointError, UnsupportedArchitectureError
+from moe_hooked.model import HookedMoETransformer
+from moe_hooked.viz import (
+    ExpertLensGrid,
+    coactivation_figure,
+    cosine_figure,
+    perplexity_figure,
+    pruning_figure,
+    routing_view,
+    specialization_figure,
+    to_png,
+)
+
+DEFAULT_MODEL = "moe-hooked/demo"
+DEFAULT_OUT = "moe_hooked_report"
+DEFAULT_MAX_TOKENS = 2048
+"""Tokens read per domain by each corpus analysis (the default report runs in well under two
+minutes on two CPU cores with the demo model)."""
+DEFAULT_BATCH_SIZE = 8
+SAMPLE_PROMPT_TOKENS = 24
+"""Length (BOS included) of each domain's sample prompt for the expert lens and routing view."""
+MAX_SPECIALIZATION_PANELS = 6
+PRUNING_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
+"""Tried in this order; those that would leave fewer than top_k experts are skipped."""
+METADATA_FILE = "report.json"
+"""Written last; its presence marks a folder as a report that `overwrite` may replace."""
+VERSION_PACKAGES = ("moe_hooked", "torch", "transformers", "transformer_lens", "circuitsvis",
+                    "numpy", "pandas", "scipy", "matplotlib")
+
+
+class ReportError(ValueError):
+    """A report input is unusable (output folder, corpus, model, option); nothing was computed."""
+
+
+@dataclass
+class ReportInputs:
+    """Everything `write_report` needs, already checked by `prepare_report`."""
+
+    model: HookedMoETransformer
+    model_name: str
+    corpora: dict[str, list[str]]
+    out: Path
+    max_tokens: int
+    batch_size: int
+    command: str
+    progress: bool = True
+    options: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- phase 1: checks
+def _check_out(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out).expanduser().resolve()
+    if out.exists():
+        if not out.is_dir():
+            raise ReportError(f"output path {out} exists and is a file: choose another --out")
+        if not overwrite:
+            raise ReportError(f"output folder {out} already exists: pass --overwrite (overwrite=True) to replace it, or choose another --out")
+        if any(out.iterdir()) and not (out / METADATA_FILE).is_file():
+            raise ReportError(
+                f"output folder {out} is not empty and holds no {METADATA_FILE}, so it is not a moe-hooked "
+                "report: it will not be replaced even with --overwrite; choose another --out"
+            )
+    if not out.parent.is_dir():
+        raise ReportError(f"the parent folder of the output, {out.parent}, does not exist")
+    return out
+
+
+def _check_corpora(corpora: Mapping[str, str | Path | Sequence[str]] | None) -> dict[str, list[str]]:
+    if corpora is None:
+        return builtin_corpora()
+    if not corpora:
+        raise ReportError("no corpora given: pass at least one name=path, or none for the built-in corpora")
+    try:
+        return load_corpora(corpora)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ReportError(f"bad corpus: {err}") from err
+
+
+def _check_model(model_name: str, dtype: str | torch.dtype | None, device: str | None) -> HookedMoETransformer:
+    try:
+        kind = torch.device(device or "cpu").type
+    except RuntimeError as err:
+        raise ReportError(f"unknown device '{device}': use e.g. 'cpu' or 'cuda' ({err})") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ReportError(f"device '{device}' was asked for but CUDA is not available here: use --device cpu")
+    try:
+        model = HookedMoETransformer.from_pretrained(model_name, dtype=dtype, device=device)
+    except (CheckpointError, UnsupportedArchitectureError, ValueError, OSError) as err:
+        raise ReportError(f"cannot load model '{model_name}': {err}") from err
+    if model.tokenizer is None:
+        raise ReportError(f"model '{model_name}' has no tokenizer (its folder has no tokenizer files): the report tokenizes text")
+    if not model.cfg.moe_layers:
+        raise ReportError(f"model '{model_name}' has no MoE layers: there is no routing to report")
+    return model
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ReportError(f"{name} must be a positive whole number, got {value!r}")
+
+
+def prepare_report(
+    model_name: str = DEFAULT_MODEL,
+    corpora: Mapping[str, str | Path | Sequence[str]] | None = None,
+    out: str | Path = DEFAULT_OUT,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> ReportInputs:
+    """Check the inputs (cheap ones first), load the corpora and the model; raise ReportError on bad input."""
+    _check_positive(max_tokens=max_tokens, batch_size=batch_size)
+    out_dir = _check_out(out, overwrite)
+    texts = _check_corpora(corpora)
+    model = _check_model(model_name, dtype, device)
+    sources = {d: str(s) if isinstance(s, (str, Path)) else f"{len(s)} texts" for d, s in (corpora or {}).items()}
+    options = dict(model=model_name, corpora=sources or "built-in", out=str(out_dir), max_tokens=max_tokens,
+                   batch_size=batch_size, dtype=str(model.cfg.dtype).removeprefix("torch."), device=str(model.cfg.device))
+    command = command or "build_report(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
+    return ReportInputs(model, model_name, texts, out_dir, max_tokens, batch_size, command, progress, options)
+
+
+# --------------------------------------------------------------------------- phase 2: analyses
+def _slugs(names: Sequence[str]) -> dict[str, str]:
+    """A distinct file-name-safe slug per domain name."""
+    slugs: dict[str, str] = {}
+    for name in names:
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "domain"
+        slug, n = base, 1
+        while slug in slugs.values():
+            n += 1
+            slug = f"{base}_{n}"
+        slugs[name] = slug
+    return slugs
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in VERSION_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+@dataclass
+class _Results:
+    counts: RoutingCounts | None = None
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    figures: dict[str, str] = field(default_factory=dict)  # caption -> relative PNG path
+    samples: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _spec_layers(layers: Sequence[int]) -> list[int]:
+    """All MoE layers, or `MAX_SPECIALIZATION_PANELS` of them evenly spaced (first and last included)."""
+    if len(layers) <= MAX_SPECIALIZATION_PANELS:
+        return list(layers)
+    step = (len(layers) - 1) / (MAX_SPECIALIZATION_PANELS - 1)
+    return [layers[round(i * step)] for i in range(MAX_SPECIALIZATION_PANELS)]
+
+
+def _run_corpus_analyses(inputs: ReportInputs, results: _Results, stage: Callable[[str], ContextManager]) -> None:
+    model, corpora = inputs.model, inputs.corpora
+    budget = dict(batch_size=inputs.batch_size, max_tokens=inputs.max_tokens, progress=inputs.progress)
+    with stage("routing statistics"):
+        counts = results.counts = routing_stats(model, corpora, **budget)
+        results.tables["specialization"] = specialization(counts)
+        results.tables["coverage"] = coverage(counts, q=[0.5, 0.9])
+        results.tables["entropy"] = routing_entropy(counts)
+        if counts.n_domains >= 2:
+            results.tables["specialists"] = domain_specialists(counts)
+    with stage("top-1 vs top-k cosine"):
+        results.tables["cosine"] = topk_cosine(model, corpora, **budget)
+    with stage("perplexity vs top-k"):
+        results.tables["perplexity"] = perplexity_vs_top_k(model, corpora, **budget)
+    with stage("pruning curve"):
+        cfg = model.cfg
+        fractions = [f for f in PRUNING_FRACTIONS if math.floor(f * cfg.n_experts) <= cfg.n_experts - cfg.top_k]
+        results.tables["pruning"] = pruning_curve(model, corpora, fractions, usage=counts, **budget)
+
+
+def _run_samples(inputs: ReportInputs, results: _Results, folder: Path, slugs: dict[str, str]) -> None:
+    """Per domain: the expert lens and the routing of the first text's first tokens."""
+    model = inputs.model
+    include_shared = bool(model.cfg.d_shared_expert)
+    frames = []
+    for domain, texts in inputs.corpora.items():
+        tokens = model.to_tokens(texts[0])[:, :SAMPLE_PROMPT_TOKENS]
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(tokens, return_type=None)
+        lens = expert_lens(model, cache, pos=-1, include_shared=include_shared)
+        frames.append(lens.assign(domain=domain)[["domain", *lens.columns]])
+        str_tokens = model.to_str_tokens(tokens[0])
+        grid = ExpertLensGrid(lens, title=f"{domain}: next token after the prompt, decoded at each MoE layer")
+        grid.save(folder / f"expert_lens_{slugs[domain]}.html")
+        routing_view(cache, str_tokens).save(folder / f"routing_{slugs[domain]}.html")
+        results.samples.append(dict(domain=domain, prompt=model.to_string(tokens[0]), grid=grid.to_html(),
+                                    routing=f"routing_{slugs[domain]}.html",
+                                    expert_lens=f"expert_lens_{slugs[domain]}.html"))
+    results.tables["expert_lens"] = pd.concat(frames, ignore_index=True)
+
+
+def _write_figures(results: _Results, folder: Path, slugs: dict[str, str]) -> None:
+    counts, tables = results.counts, results.tables
+    (folder / "figures").mkdir()
+    middle = counts.layers[len(counts.layers) // 2]
+    figures = {
+        "Specialization: fraction of each domain's tokens routed to each expert (dashed: uniform k/E)":
+            ("specialization", specialization_figure(tables["specialization"], layers=_spec_layers(counts.layers))),
+        "Top-1 vs top-k cosine similarity per layer": ("cosine", cosine_figure(tables["cosine"])),
+        "Normalised log-perplexity vs experts kept": ("perplexity", perplexity_figure(tables["perplexity"])),
+        "Perplexity when pruning each layer's least-used experts": ("pruning", pruning_figure(tables["pruning"])),
+    }
+    if counts.coactivation is not None:
+        for domain in counts.domains:
+            matrix = coactivation_matrix(counts, domain, middle)
+            figure = coactivation_figure(matrix, title=f"{domain}: co-activation (Jaccard), layer {middle}")
+            figures[f"Expert co-activation, {domain}, layer {middle}"] = (f"coactivation_{slugs[domain]}", figure)
+    for caption, (name, figure) in figures.items():
+        path = folder / "figures" / f"{name}.png"
+        path.write_bytes(to_png(figure))
+        results.figures[caption] = path.relative_to(folder).as_posix()
+
+
+# --------------------------------------------------------------------------- index.html
+PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1200px; padding: 0 16px; color: #111; }
+h1 { font-size: 24px; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }
+table.data { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+table.data th, table.data td { border: 1px solid #ddd; padding: 2px 8px; text-align: right; }
+table.data th { background: #f4f4f4; }
+pre { background: #f6f6f6; padding: 8px; overflow-x: auto; white-space: pre-wrap; }
+figure { margin: 16px 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+iframe { width: 100%; height: 260px; border: 1px solid #ddd; }
+.files a { margin-right: 12px; }
+"""
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_html(classes="data", index=False, border=0, float_format=lambda x: f"{x:.4g}")
+
+
+def _key_values(values: Mapping[str, object]) -> str:
+    return _table(pd.DataFrame({"": list(values), "value": [str(v) for v in values.values()]}))
+
+
+def _by_domain(frame: pd.DataFrame, columns: str, values: str) -> pd.DataFrame:
+    """`values` with one row per domain (in corpus order) and one column per value of `columns`."""
+    table = frame.pivot(index="domain", columns=columns, values=values).reindex(frame["domain"].unique())
+    table.columns = [f"{columns} {c}" for c in table.columns]
+    return table.reset_index()
+
+
+def _summary_tables(results: _Results) -> list[tuple[str, pd.DataFrame]]:
+    """Small views of the result tables for the page (the CSV files hold everything)."""
+    t = results.tables
+    spec = t["specialization"]
+    n_specialized = spec.groupby(["domain", "layer"], sort=False)["specialized"].sum().reset_index()
+    most = spec[spec["specialized"]].sort_values("ratio", ascending=False).head(15)
+    return [
+        ("Specialized experts per domain and layer (one-sided binomial test, Holm-corrected, alpha 0.05)",
+         _by_domain(n_specialized, "layer", "specialized")),
+        ("Most specialized experts (fraction / uniform baseline)",
+         most[["domain", "layer", "expert", "fraction", "baseline", "ratio", "p_adjusted"]]),
+        ("Experts needed to cover 50% of the routing decisions",
+         _by_domain(t["coverage"][t["coverage"]["q"] == 0.5], "layer", "n_experts_needed")),
+        ("Normalised entropy of expert usage", _by_domain(t["entropy"], "layer", "normalized_entropy")),
+        ("Top-1 vs top-k cosine (all tokens)",
+         _by_domain(t["cosine"][t["cosine"]["variant"] == "all_tokens"], "layer", "cosine")),
+        ("Perplexity with the top-k' experts only", _by_domain(t["perplexity"], "k", "ppl")),
+        ("Perplexity after pruning the least-used experts", _by_domain(t["pruning"], "fraction", "ppl")),
+    ]
+
+
+def _index_html(inputs: ReportInputs, results: _Results, files: list[str], versions: dict[str, str]) -> str:
+    model = inputs.model
+    esc = html.escape
+    counts = results.counts
+    corpus_rows = pd.DataFrame({"domain": counts.domains, "texts": [len(inputs.corpora[d]) for d in counts.domains],
+                                "tokens routed": counts.tokens[:, 0]})
+    parts = [
+        f"<h1>moe_hooked report: {esc(inputs.model_name)}</h1>",
+        f"<p>{esc(model.cfg.architecture)} model, {model.cfg.n_layers} layers, {model.cfg.n_experts} routed experts, "
+        f"top-{model.cfg.top_k}, MoE layers {esc(str(list(model.cfg.moe_layers)))}; "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters.</p>",
+        "<h2>Run</h2>", f"<pre>{esc(inputs.command)}</pre>",
+        _key_values({"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     **{f"time: {k}": f"{v:.1f} s" for k, v in results.timings.items()}}),
+        "<h2>Corpora</h2>", _table(corpus_rows),
+        "<h2>Figures</h2>",
+        *[f'<figure><img src="{esc(path)}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>'
+          for caption, path in results.figures.items()],
+        "<h2>Tables</h2>",
+        *[f"<h3>{esc(title)}</h3>{_table(frame)}" for title, frame in _summary_tables(results)],
+        "<h2>Sample prompts</h2>",
+    ]
+    for sample in results.samples:
+        parts += [
+            f"<h3>{esc(sample['domain'])}</h3>", f"<pre>{esc(sample['prompt'])}</pre>", sample["grid"],
+            f'<p><a href="{esc(sample["expert_lens"])}">the expert-lens grid alone</a></p>',
+            f'<p>Routing weight of every expert on every token (pick a layer and an expert; '
+            f'<a href="{esc(sample["routing"])}">open alone</a>):</p>',
+            f'<iframe src="{esc(sample["routing"])}" title="routing {esc(sample["domain"])}"></iframe>',
+        ]
+    parts += [
+        "<h2>Model configuration</h2>", _key_values(model.cfg.to_dict()),
+        "<h2>Versions</h2>", _key_values(versions),
+        "<h2>Files</h2>", '<p class="files">' + "\n".join(f'<a href="{esc(f)}">{esc(f)}</a>' for f in files) + "</p>",
+    ]
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>moe_hooked report: '
+            f"{esc(inputs.model_name)}</title><style>{PAGE_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+# --------------------------------------------------------------------------- driver
+def write_report(inputs: ReportInputs) -> Path:
+    """Run the analyses and write the report folder (see the module docstring); returns its path."""
+    results = _Results()
+    slugs = _slugs(list(inputs.corpora))
+    folder = inputs.out.with_name(f".{inputs.out.name}.partial-{uuid.uuid4().hex[:8]}")
+    folder.mkdir()
+    bar = tqdm(total=6, desc="report", unit="step", disable=not inputs.progress)
+
+    @contextmanager
+    def stage(name: str):
+        bar.set_postfix_str(name)
+        start = time.perf_counter()
+        yield
+        results.timings[name] = time.perf_counter() - start
+        bar.update()
+
+    try:
+        _run_corpus_analyses(inputs, results, stage)
+        with stage("sample prompts"):
+            _run_samples(inputs, results, folder, slugs)
+        with stage("figures and files"):
+            results.counts.save(folder / "counts.json")
+            for name, table in results.tables.items():
+                table.to_csv(folder / f"{name}.csv", index=False)
+            _write_figures(results, folder, slugs)
+            versions = _versions()
+            files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+            (folder / "index.html").write_text(_index_html(inputs, results, files, versions), encoding="utf-8")
+            metadata_json = dict(model=inputs.model_name, command=inputs.command, options=inputs.options,
+                                 config=inputs.model.cfg.to_dict(), versions=versions, timings_s=results.timings,
+                                 files=["index.html", *files])
+            (folder / METADATA_FILE).write_text(json.dumps(metadata_json, indent=2, default=str))
+        if inputs.out.exists():
+            shutil.rmtree(inputs.out)
+        folder.rename(inputs.out)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return inputs.out
+
+
+def build_report(
+    model_name: str = DEFAULT_MODEL,
+    corpora: Mapping[str, str | Path | Sequence[str]] | None = None,
+    out: str | Path = DEFAULT_OUT,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> Path:
+    """Run every analysis on `model_name` over `corpora` and write the report folder `out`.
+
+    `corpora`: `{domain: path to a .txt/.jsonl file, or a list of texts}`; None uses the
+    built-in sample corpora. `max_tokens` caps the tokens each corpus analysis reads per
+    domain. `command` is recorded in the report (the CLI passes its command line). Raises
+    :class:`ReportError` before any analysis if an input is unusable. Returns `out`.
+    """
+    inputs = prepare_report(model_name, corpora, out, max_tokens, batch_size, dtype, device, overwrite, progress, command)
+    return write_report(inputs)
+
+
+__all__ = ["ReportError", "ReportInputs", "build_report", "prepare_report", "write_report"]

@@ -1,0 +1,135 @@
+"""Matplotlib figures of the MoE Lens paper, drawn from the analyses' DataFrames.
+
+- :func:`specialization_figure` -- Figure 1: per expert, the fraction of each domain's tokens
+  routed to it, with the uniform baseline k/E dashed; one panel per MoE layer.
+- :func:`cosine_figure` -- Figure 3 (left): cos(H^{l,1}, H^{l,k}) per layer, one line per domain.
+- :func:`perplexity_figure` -- Figure 3 (right): normalised log-perplexity against k'.
+- :func:`coactivation_figure` -- an [E, E] co-activation matrix as a heatmap.
+- :func:`pruning_figure` -- perplexity against the fraction of least-used experts pruned.
+
+Each returns a `matplotlib.figure.Figure` created without pyplot, so nothing depends on the
+backend (Agg, inline, none) and no global figure state is left behind. Notebooks display it;
+:func:`to_png` renders it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+PANEL_SIZE = (5.0, 3.4)
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"not a {what} table: columns {missing} are missing (have {list(frame.columns)})")
+    if frame.empty:
+        raise ValueError(f"the {what} table is empty")
+
+
+def _panels(n: int, ncols: int, size: tuple[float, float] = PANEL_SIZE) -> tuple[Figure, list[Axes]]:
+    """A figure with `n` panels on a grid of `ncols` columns (the unused ones hidden)."""
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _lines(ax: Axes, frame: pd.DataFrame, x: str, y: str, by: str = "domain") -> None:
+    """One line per value of `by` (in order of appearance), points sorted by `x`."""
+    for label, rows in frame.groupby(by, sort=False):
+        rows = rows.sort_values(x)
+        ax.plot(rows[x].to_numpy(), rows[y].to_numpy(), marker="o", markersize=3, label=str(label))
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+
+
+def specialization_figure(
+    spec: pd.DataFrame,
+    layers: Sequence[int] | None = None,
+    domains: Sequence[str] | None = None,
+    ncols: int = 2,
+) -> Figure:
+    """Bars of `fraction` per expert, one colour per domain, one panel per MoE layer (all, or
+    `layers`), with the uniform baseline k/E as a dashed line. `spec`: `specialization(counts)`."""
+    _require(spec, ["domain", "layer", "expert", "fraction", "baseline"], "specialization")
+    layers = list(spec["layer"].unique()) if layers is None else list(layers)
+    domains = list(spec["domain"].unique()) if domains is None else list(domains)
+    n_experts = spec["expert"].nunique()
+    fig, axes = _panels(len(layers), ncols, (max(PANEL_SIZE[0], 0.12 * n_experts * len(domains)), PANEL_SIZE[1]))
+    width = 0.8 / len(domains)
+    for ax, layer in zip(axes, layers):
+        at_layer = spec[spec["layer"] == layer]
+        if at_layer.empty:
+            raise ValueError(f"the specialization table has no layer {layer}; it has {sorted(spec['layer'].unique())}")
+        for i, domain in enumerate(domains):
+            rows = at_layer[at_layer["domain"] == domain].sort_values("expert")
+            offset = (i - (len(domains) - 1) / 2) * width
+            ax.bar(rows["expert"].to_numpy() + offset, rows["fraction"].to_numpy(), width, label=str(domain))
+        baseline = float(at_layer["baseline"].iloc[0])
+        ax.axhline(baseline, linestyle="--", color="black", linewidth=1, label=f"uniform k/E = {baseline:.3g}")
+        ax.set(title=f"layer {layer}", xlabel="expert", ylabel="fraction of tokens")
+        ax.legend(fontsize="x-small", ncols=2)
+    return fig
+
+
+def cosine_figure(cosine: pd.DataFrame) -> Figure:
+    """Mean cos(H^{l,1}, H^{l,k}) against the layer, one line per domain; one panel per
+    variant ("all_tokens", "last_token"). `cosine`: `topk_cosine(...)`."""
+    _require(cosine, ["domain", "layer", "variant", "cosine"], "topk_cosine")
+    variants = list(cosine["variant"].unique())
+    fig, axes = _panels(len(variants), len(variants))
+    for ax, variant in zip(axes, variants):
+        _lines(ax, cosine[cosine["variant"] == variant], "layer", "cosine")
+        ax.set(title=f"top-1 vs top-k cosine ({variant})", xlabel="layer", ylabel="cosine similarity")
+    return fig
+
+
+def perplexity_figure(perplexity: pd.DataFrame, value: str = "normalized_log_ppl") -> Figure:
+    """`value` (default the per-domain min-max normalised log-perplexity) against the number
+    of experts kept, k', one line per domain. `perplexity`: `perplexity_vs_top_k(...)`."""
+    _require(perplexity, ["domain", "k", value], "perplexity_vs_top_k")
+    fig, (ax,) = _panels(1, 1)
+    _lines(ax, perplexity, "k", value)
+    ax.set(title="perplexity vs experts kept", xlabel="k' (experts kept per token)", ylabel=value)
+    return fig
+
+
+def pruning_figure(pruning: pd.DataFrame, value: str = "ppl") -> Figure:
+    """`value` (default perplexity) against the fraction of each layer's least-used experts
+    pruned, one line per domain. `pruning`: `pruning_curve(...)`."""
+    _require(pruning, ["domain", "fraction", value], "pruning_curve")
+    fig, (ax,) = _panels(1, 1)
+    _lines(ax, pruning, "fraction", value)
+    ax.set(title="pruning the least-used experts", xlabel="fraction of experts pruned per layer", ylabel=value)
+    return fig
+
+
+def coactivation_figure(matrix: np.ndarray, title: str = "expert co-activation") -> Figure:
+    """Heatmap of an [E, E] matrix from `coactivation_matrix(counts, domain, layer)`."""
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"expected a square [n_experts, n_experts] matrix, got shape {matrix.shape}")
+    fig = Figure(figsize=(5.4, 4.6), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax)
+    ax.set(title=title, xlabel="expert", ylabel="expert")
+    return fig
+
+
+def to_png(fig: Figure, dpi: int = 100) -> bytes:
+    """The figure rendered as PNG bytes (Agg, whatever the active backend)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()

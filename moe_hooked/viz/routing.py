@@ -1,0 +1,186 @@
+"""Per-token routing of one prompt, drawn with circuitsvis.
+
+Three views, each taking either a model and a prompt (the model is run with a cache of the
+routing hooks only) or an existing cache and the prompt's string tokens:
+
+- :func:`expert_weight_view`: tokens coloured by one expert's routing weight at one layer
+  (0 where the expert is not among the token's top-k).
+- :func:`top1_expert_view`: tokens coloured by the id of their top-1 expert, one colouring per
+  MoE layer (hover a layer's button to switch).
+- :func:`routing_view`: every (layer, expert) weight, with layer and expert pickers.
+
+Each returns a :class:`CircuitsView`. circuitsvis's own objects display by loading its
+JavaScript from the unpkg CDN whenever a request to google.com succeeds; a `CircuitsView`
+made with ``offline=True`` (the default) instead always embeds the bundled JavaScript
+(about 1.3 MB per view), so it renders with no network at all: on air-gapped machines, in
+saved notebooks and in the report. ``offline=False`` keeps circuitsvis's behaviour.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import torch
+from circuitsvis.activations import text_neuron_activations
+from circuitsvis.tokens import colored_tokens, colored_tokens_multi
+from circuitsvis.utils.render import RenderedHTML
+from jaxtyping import Float, Int
+from transformer_lens import ActivationCache
+
+from moe_hooked.hook_names import get_act_name
+from moe_hooked.model import HookedMoETransformer
+
+ROUTING_HOOKS = ("topk_indices", "topk_weights")
+_TOPK_NAME = re.compile(r"blocks\.(\d+)\.mlp\.hook_topk_indices")
+
+
+class CircuitsView:
+    """A circuitsvis visualization that can render with no network access.
+
+    In a notebook it displays itself (`_repr_html_`); `save(path)` writes a standalone HTML
+    page, which always embeds the JavaScript bundle.
+    """
+
+    def __init__(self, rendered: RenderedHTML, offline: bool = True, title: str = "moe_hooked"):
+        self.rendered = rendered
+        self.offline = offline
+        self.title = title
+
+    def _repr_html_(self) -> str:
+        return self.rendered.local_src if self.offline else self.rendered._repr_html_()
+
+    def to_html(self) -> str:
+        """A complete HTML document that embeds the bundle (no external requests)."""
+        return (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(self.title)}</title></head>\n<body>\n{self.rendered.local_src}\n</body></html>\n"
+        )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_html(), encoding="utf-8")
+        return path
+
+
+def _html_tokens(str_tokens: list[str]) -> list[str]:
+    """Escape &, < and > in the tokens: circuitsvis inserts each token as raw HTML (only
+    whitespace is replaced), so "<div" would open an element and "</script>" would end the
+    inline script. Escaped, they display as written (its hover tooltips show the entities)."""
+    return [html.escape(token, quote=False) for token in str_tokens]
+
+
+# --------------------------------------------------------------------------- routing data
+def routing_cache(
+    model: HookedMoETransformer, prompt: str, prepend_bos: bool | None = None
+) -> tuple[ActivationCache, list[str]]:
+    """Run `prompt` caching only the routing hooks; returns (cache, string tokens)."""
+    names = {get_act_name(hook, layer) for layer in model.cfg.moe_layers for hook in ROUTING_HOOKS}
+    _, cache = model.run_with_cache(prompt, return_type=None, prepend_bos=prepend_bos, names_filter=lambda n: n in names)
+    return cache, model.to_str_tokens(prompt, prepend_bos=prepend_bos)
+
+
+def cached_moe_layers(cache: ActivationCache) -> list[int]:
+    """The MoE layers whose routing (`hook_topk_indices` and `hook_topk_weights`) the cache holds."""
+    layers = sorted(int(m.group(1)) for name in cache.keys() if (m := _TOPK_NAME.fullmatch(name)))
+    layers = [layer for layer in layers if get_act_name("topk_weights", layer) in cache.cache_dict]
+    if not layers:
+        raise ValueError(
+            "the cache holds no routing: run model.run_with_cache(prompt) without a names_filter, or with "
+            "one that keeps blocks.{l}.mlp.hook_topk_indices and blocks.{l}.mlp.hook_topk_weights"
+        )
+    return layers
+
+
+def routing_weights(cache: ActivationCache, batch: int = 0) -> tuple[Float[torch.Tensor, "pos layer expert"], list[int]]:
+    """Each expert's routing weight on each token at each cached MoE layer (0 where not selected).
+
+    Returns (weights [pos, layer, n_experts], the MoE layer ids along `layer`).
+    """
+    layers = cached_moe_layers(cache)
+    per_layer = []
+    for layer in layers:
+        indices = cache[get_act_name("topk_indices", layer)][batch]  # [pos k]
+        weights = cache[get_act_name("topk_weights", layer)][batch]  # [pos k]
+        dense = torch.zeros(indices.shape[0], cache.model.cfg.n_experts, dtype=torch.float32)
+        per_layer.append(dense.scatter(-1, indices.cpu(), weights.float().cpu()))
+    return torch.stack(per_layer, dim=1), layers
+
+
+def top1_experts(cache: ActivationCache, batch: int = 0) -> tuple[Int[torch.Tensor, "pos layer"], list[int]]:
+    """The top-1 (highest-weight) expert of each token at each cached MoE layer, and the layer ids."""
+    layers = cached_moe_layers(cache)
+    ids = [cache[get_act_name("topk_indices", layer)][batch, :, 0].cpu() for layer in layers]
+    return torch.stack(ids, dim=1), layers
+
+
+def _routing_inputs(
+    source: HookedMoETransformer | ActivationCache, tokens: str | list[str], batch: int
+) -> tuple[ActivationCache, list[str], int]:
+    """(cache, string tokens, batch index) from a model and a prompt, or a cache and its string tokens."""
+    if isinstance(source, HookedMoETransformer):
+        if not isinstance(tokens, str):
+            raise TypeError("with a model, pass the prompt as a string")
+        cache, str_tokens = routing_cache(source, tokens)
+        return cache, _html_tokens(str_tokens), 0
+    if not isinstance(source, ActivationCache):
+        raise TypeError(f"expected a HookedMoETransformer or an ActivationCache, got {type(source).__name__}")
+    if isinstance(tokens, str):
+        raise TypeError("with a cache, pass the prompt's string tokens (model.to_str_tokens(prompt)), not the text")
+    n_pos = source[get_act_name("topk_indices", cached_moe_layers(source)[0])].shape[1]
+    if len(tokens) != n_pos:
+        raise ValueError(f"{len(tokens)} string tokens given but the cache has {n_pos} positions")
+    return source, _html_tokens(list(tokens)), batch
+
+
+# --------------------------------------------------------------------------- views
+def expert_weight_view(
+    source: HookedMoETransformer | ActivationCache,
+    tokens: str | list[str],
+    layer: int,
+    expert: int,
+    batch: int = 0,
+    offline: bool = True,
+) -> CircuitsView:
+    """Tokens coloured by the routing weight of `expert` at MoE layer `layer` (0 = not selected).
+
+    `source`/`tokens`: a model and a prompt, or a cache and the prompt's string tokens.
+    """
+    cache, str_tokens, batch = _routing_inputs(source, tokens, batch)
+    cfg = cache.model.cfg
+    cfg.check_moe_layer(layer)
+    cfg.check_expert(expert)
+    weights, layers = routing_weights(cache, batch)
+    if layer not in layers:
+        raise ValueError(f"the cache holds no routing for MoE layer {layer}; it has layers {layers}")
+    values = weights[:, layers.index(layer), expert]
+    view = colored_tokens(str_tokens, values, min_value=0.0, max_value=1.0)
+    return CircuitsView(view, offline, title=f"expert {expert} at layer {layer}")
+
+
+def top1_expert_view(
+    source: HookedMoETransformer | ActivationCache, tokens: str | list[str], batch: int = 0, offline: bool = True
+) -> CircuitsView:
+    """Tokens coloured by their top-1 expert id, one colouring per MoE layer."""
+    cache, str_tokens, batch = _routing_inputs(source, tokens, batch)
+    ids, layers = top1_experts(cache, batch)
+    view = colored_tokens_multi(str_tokens, ids.float(), labels=[f"layer {layer}" for layer in layers])
+    return CircuitsView(view, offline, title="top-1 expert per layer")
+
+
+def routing_view(
+    source: HookedMoETransformer | ActivationCache, tokens: str | list[str], batch: int = 0, offline: bool = True
+) -> CircuitsView:
+    """Every expert's routing weight on every token: pick a layer and an expert to colour by."""
+    cache, str_tokens, batch = _routing_inputs(source, tokens, batch)
+    weights, layers = routing_weights(cache, batch)
+    view = text_neuron_activations(
+        str_tokens,
+        weights,
+        first_dimension_name="Layer",
+        second_dimension_name="Expert",
+        first_dimension_labels=[str(layer) for layer in layers],
+        second_dimension_labels=[str(e) for e in range(weights.shape[-1])],
+    )
+    return CircuitsView(view, offline, title="routing weights per layer and expert")

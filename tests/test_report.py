@@ -1,0 +1,252 @@
+"""Tests of the `moe-hooked report` console script and `moe_hooked.report.build_report`: the
+report folder's files and numbers, its index.html in headless Chromium (no console errors, no
+network), and clear errors, before any model work, on bad input."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from chromium import chromium_binary, is_blank, open_page
+from hf_models import build_hf, qwen2_moe_config, save_hf
+from tiny import tiny_model
+
+from moe_hooked import HookedMoETransformer
+from moe_hooked.analysis import RoutingCounts, specialization
+from moe_hooked.cli import main
+from moe_hooked.data import count_tokens
+from moe_hooked.lens import expert_lens
+from moe_hooked.report import SAMPLE_PROMPT_TOKENS, build_report
+
+CORPORA = {
+    "english": ["The cat sat on the mat and looked at the moon.", "Routers send each token to a few experts."],
+    "code": ["def add(a, b): return a + b", "x = 2 + 3 and 7 * 6 = 42"],
+}
+MAX_TOKENS = 48
+needs_chromium = pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Qwen2-MoE (shared expert, layer 1 dense) with a tokenizer."""
+    folder = tmp_path_factory.mktemp("qwen")
+    tiny_model(qwen2_moe_config(), folder, seed=5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpora")
+    for domain, texts in CORPORA.items():
+        (folder / f"{domain}.txt").write_text("\n".join(texts) + "\n")
+    return {domain: folder / f"{domain}.txt" for domain in CORPORA}
+
+
+@pytest.fixture(scope="module")
+def report(model_dir, corpus_files, tmp_path_factory):
+    """The console script run as a user would: returns (report folder, argv, finished process)."""
+    out = tmp_path_factory.mktemp("run") / "my report"
+    argv = ["report", "--model", str(model_dir), "--max-tokens", str(MAX_TOKENS), "--batch-size", "2", "--out", str(out)]
+    for domain, path in corpus_files.items():
+        argv += ["--corpus", f"{domain}={path}"]
+    done = subprocess.run([sys.executable, "-m", "moe_hooked.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out, argv, done
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return HookedMoETransformer.from_pretrained(str(model_dir))
+
+
+def test_report_writes_every_file(report):
+    out, _, done = report
+    assert f"report written to {out / 'index.html'}" in done.stdout
+    assert "report:" in done.stderr  # the tqdm progress bar
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    expected = {"index.html", "report.json", "counts.json", "expert_lens.csv"}
+    expected |= {f"{name}.csv" for name in ("specialization", "coverage", "entropy", "specialists", "cosine", "perplexity", "pruning")}
+    expected |= {f"figures/{name}.png" for name in ("specialization", "cosine", "perplexity", "pruning")}
+    expected |= {f"{kind}_{domain}.html" for kind in ("routing", "expert_lens") for domain in CORPORA}
+    expected |= {f"figures/coactivation_{domain}.png" for domain in CORPORA}
+    assert files == expected
+    assert not list(out.parent.glob(".*partial*"))  # the temporary folder was renamed
+
+
+def test_report_numbers(report, model):
+    out, argv, _ = report
+    counts = RoutingCounts.load(out / "counts.json")
+    assert counts.domains == list(CORPORA)
+    assert counts.layers == list(model.cfg.moe_layers)
+    for d, texts in enumerate(CORPORA.values()):  # every token of the corpus, up to the budget
+        in_corpus = count_tokens(model.tokenizer, texts, model.cfg.n_ctx, prepend_bos=model.cfg.default_prepend_bos)
+        n_tokens = min(MAX_TOKENS, in_corpus)
+        assert (counts.tokens[d] == n_tokens).all()
+    spec = pd.read_csv(out / "specialization.csv")
+    expected = specialization(counts)
+    pd.testing.assert_frame_equal(spec.drop(columns="specialized"), expected.drop(columns="specialized"), check_dtype=False)
+    assert spec["specialized"].tolist() == expected["specialized"].tolist()
+    ppl = pd.read_csv(out / "perplexity.csv")
+    assert sorted(ppl["k"].unique()) == list(range(1, model.cfg.top_k + 1))
+    pruning = pd.read_csv(out / "pruning.csv")
+    assert set(pruning["domain"]) == set(CORPORA) and (pruning["n_pruned_per_layer"] <= model.cfg.n_experts - model.cfg.top_k).all()
+    cosine = pd.read_csv(out / "cosine.csv")
+    assert set(cosine["layer"]) == set(model.cfg.moe_layers)
+
+    lens = pd.read_csv(out / "expert_lens.csv", keep_default_na=False)
+    for domain, texts in CORPORA.items():  # the sample prompt: the first text's first tokens
+        tokens = model.to_tokens(texts[0])[:, :SAMPLE_PROMPT_TOKENS]
+        _, cache = model.run_with_cache(tokens)
+        fresh = expert_lens(model, cache, include_shared=True)
+        saved = lens[lens["domain"] == domain]
+        assert saved["token_id"].tolist() == fresh["token_id"].tolist()
+        np.testing.assert_allclose(saved["prob"], fresh["prob"], rtol=1e-4)
+
+    meta = json.loads((out / "report.json").read_text())
+    assert meta["command"] == "moe-hooked " + shlex.join(argv)
+    assert torch.__version__.startswith(meta["versions"]["torch"].split("+")[0])
+    assert meta["config"]["n_experts"] == model.cfg.n_experts
+    page = (out / "index.html").read_text()
+    assert "moe-hooked report --model" in page and "n_experts" in page
+    assert "http://" not in page and "https://" not in page
+
+
+READY = "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0) && {images: document.images.length, " \
+        "iframes: document.querySelectorAll('iframe').length, grids: document.querySelectorAll('table.moe-lens-grid').length}"
+
+
+@needs_chromium
+def test_index_page_loads_offline_in_chromium(report):
+    out, _, _ = report
+    page = open_page(out / "index.html", ready=READY)
+    assert page.console_errors == []
+    assert page.network_requests == []
+    assert all(url.startswith((out.as_uri() + "/")) for url in page.requests), page.requests
+    assert page.value == {"images": 4 + len(CORPORA), "iframes": len(CORPORA), "grids": len(CORPORA)}
+    assert not is_blank(page.screenshot)
+
+
+@needs_chromium
+def test_routing_pages_render_their_component(report):
+    out, _, _ = report
+    ready = "(() => { const root = document.querySelector('[id^=\"circuits-vis-\"]'); " \
+            "return root && root.querySelectorAll('select').length; })()"
+    for domain in CORPORA:
+        page = open_page(out / f"routing_{domain}.html", ready=ready)
+        assert page.console_errors == [] and page.network_requests == []
+        assert page.value == 2  # the layer and expert pickers
+        assert not is_blank(page.screenshot)
+
+
+def test_overwrite_replaces_a_previous_report(report, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(report[0], out)
+    (out / "stale.txt").write_text("from an older run")
+    model_dir = json.loads((out / "report.json").read_text())["model"]
+    assert build_report(model_dir, {"one": ["The cat sat on the mat."]}, out, max_tokens=16, overwrite=True, progress=False) == out
+    assert not (out / "stale.txt").exists()
+    assert RoutingCounts.load(out / "counts.json").domains == ["one"]
+    assert json.loads((out / "report.json").read_text())["command"].startswith("build_report(")
+
+
+def test_a_failed_run_leaves_nothing_behind(model_dir, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("analysis failed")
+
+    monkeypatch.setattr("moe_hooked.report.topk_cosine", broken)
+    with pytest.raises(RuntimeError, match="analysis failed"):
+        build_report(str(model_dir), {"one": ["The cat sat."]}, tmp_path / "out", max_tokens=16, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if the model is loaded: checks on cheap inputs must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the cheap checks")
+
+    monkeypatch.setattr(HookedMoETransformer, "from_pretrained", refuse)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """(exit status, stderr) of `moe-hooked argv...`, whether it returns or exits."""
+    try:
+        status = main(list(argv))
+    except SystemExit as exit:
+        status = exit.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return status, err
+
+
+def test_existing_output_folder_is_refused(capsys, tmp_path, no_model_loading, corpus_files):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    status, err = run_cli(capsys, "report", "--out", str(out))
+    assert status == 2 and "already exists: pass --overwrite" in err
+    status, err = run_cli(capsys, "report", "--out", str(out), "--overwrite")
+    assert status == 2 and "not a moe-hooked report" in err
+    assert (out / "notes.txt").read_text() == "mine"
+    status, err = run_cli(capsys, "report", "--out", str(out / "notes.txt"))
+    assert status == 2 and "is a file" in err
+    status, err = run_cli(capsys, "report", "--out", str(tmp_path / "no" / "such" / "dir"))
+    assert status == 2 and "does not exist" in err
+
+
+def test_missing_or_malformed_corpus_is_refused(capsys, tmp_path, no_model_loading, corpus_files):
+    missing = tmp_path / "nope.txt"
+    status, err = run_cli(capsys, "report", "--corpus", f"english={missing}", "--out", str(tmp_path / "out"))
+    assert status == 2 and "corpus file not found" in err and str(missing) in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    status, err = run_cli(capsys, "report", "--corpus", f"blank={empty}", "--out", str(tmp_path / "out"))
+    assert status == 2 and "no text samples" in err
+    status, err = run_cli(capsys, "report", "--corpus", "english", "--out", str(tmp_path / "out"))
+    assert status == 2 and "NAME=PATH" in err
+    path = corpus_files["code"]
+    status, err = run_cli(capsys, "report", "--corpus", f"a={path}", "--corpus", f"a={path}", "--out", str(tmp_path / "out"))
+    assert status == 2 and "repeated: a" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unloadable_model_is_refused(capsys, tmp_path, corpus_files):
+    corpus = f"code={corpus_files['code']}"
+    status, err = run_cli(capsys, "report", "--model", str(tmp_path / "no-model"), "--corpus", corpus, "--out", str(tmp_path / "a"))
+    assert status == 2 and "cannot load model" in err and "no-model" in err
+    no_tokenizer = save_hf(build_hf(qwen2_moe_config()), tmp_path / "no-tokenizer")
+    status, err = run_cli(capsys, "report", "--model", str(no_tokenizer), "--corpus", corpus, "--out", str(tmp_path / "b"))
+    assert status == 2 and "has no tokenizer" in err
+    status, err = run_cli(capsys, "report", "--model", str(no_tokenizer), "--dtype", "float9", "--out", str(tmp_path / "c"))
+    assert status == 2 and "unknown dtype 'float9'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-tokenizer"]
+
+
+def test_bad_numbers_are_refused(capsys, tmp_path, no_model_loading):
+    status, err = run_cli(capsys, "report", "--max-tokens", "0", "--out", str(tmp_path / "out"))
+    assert status == 2 and "--max-tokens" in err and "at least 1" in err
+    status, err = run_cli(capsys, "report", "--batch-size", "many", "--out", str(tmp_path / "out"))
+    assert status == 2 and "not a whole number" in err
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    assert "report" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit:
+        main(["report", "--help"])
+    help_text = capsys.readouterr().out
+    for option in ("--model", "--corpus", "--max-tokens", "--batch-size", "--dtype", "--device", "--out", "--overwrite"):
+        assert option in help_text
+    status, err = run_cli(capsys)
+    assert status == 2 and "COMMAND" in err

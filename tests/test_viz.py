@@ -1,0 +1,386 @@
+"""Tests of moe_hooked.viz: circuitsvis routing views (props and offline rendering in headless
+Chromium), the expert-lens grid HTML, and the matplotlib figures' plotted arrays."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from html.parser import HTMLParser
+
+import matplotlib.colors
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from chromium import chromium_binary, is_blank, open_page
+from hf_models import olmoe_config, qwen2_moe_config
+from tiny import tiny_model
+
+from moe_hooked.analysis import RoutingCounts, specialization
+from moe_hooked.lens import expert_lens
+from moe_hooked.viz import (
+    CircuitsView,
+    ExpertLensGrid,
+    coactivation_figure,
+    cosine_figure,
+    expert_weight_view,
+    perplexity_figure,
+    pruning_figure,
+    routing_cache,
+    routing_view,
+    routing_weights,
+    specialization_figure,
+    to_png,
+    top1_expert_view,
+    top1_experts,
+)
+
+PROMPT = "The cat sat on the mat and looked at the moon."
+TOL = dict(rtol=1e-5, atol=1e-6)  # separate float32 runs differ in the last bits
+needs_chromium = pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def olmoe(tmp_path_factory):
+    return tiny_model(olmoe_config(), tmp_path_factory.mktemp("olmoe"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """Shared expert, layer 1 dense."""
+    return tiny_model(qwen2_moe_config(), tmp_path_factory.mktemp("qwen"), seed=4)
+
+
+def router_probs(model, prompt=PROMPT) -> dict[int, torch.Tensor]:
+    """Full router softmax per MoE layer, [pos n_experts], from a plain cached run."""
+    _, cache = model.run_with_cache(prompt)
+    return {layer: cache[f"blocks.{layer}.mlp.hook_router_probs"][0] for layer in model.cfg.moe_layers}
+
+
+def hand_dense_weights(model, probs: torch.Tensor) -> torch.Tensor:
+    """Top-k of the softmax kept (renormalised if the model does), others 0: [pos n_experts]."""
+    values, ids = probs.topk(model.cfg.top_k, dim=-1)
+    if model.cfg.norm_topk_prob:
+        values = values / values.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, ids, values)
+
+
+def props(view: CircuitsView) -> dict:
+    """The props object circuitsvis passes to its React component."""
+    match = re.search(r"CircuitsVis\.render\(\s*\"[^\"]+\",\s*CircuitsVis\.\w+,\s*(\{.*\})\s*\)\s*</script>",
+                      view.rendered.local_src, re.S)
+    return json.loads(match.group(1))
+
+
+# --------------------------------------------------------------------------- routing data
+@pytest.mark.parametrize("name", ["olmoe", "qwen"])
+def test_routing_weights_are_the_top_k_of_the_router_softmax(name, request):
+    model = request.getfixturevalue(name)
+    cache, str_tokens = routing_cache(model, PROMPT)
+    weights, layers = routing_weights(cache)
+    assert layers == list(model.cfg.moe_layers)
+    assert weights.shape == (len(str_tokens), len(layers), model.cfg.n_experts)
+    assert set(cache.keys()) == {f"blocks.{l}.mlp.hook_topk_{h}" for l in layers for h in ("indices", "weights")}
+    for i, (layer, probs) in enumerate(router_probs(model).items()):
+        torch.testing.assert_close(weights[:, i], hand_dense_weights(model, probs), **TOL)
+    top1, top1_layers = top1_experts(cache)
+    assert top1_layers == layers
+    for i, probs in enumerate(router_probs(model).values()):
+        assert torch.equal(top1[:, i], probs.argmax(-1))
+
+
+def test_views_from_model_and_from_cache_agree(olmoe):
+    _, cache = olmoe.run_with_cache(PROMPT)
+    str_tokens = olmoe.to_str_tokens(PROMPT)
+    from_model = props(routing_view(olmoe, PROMPT))
+    from_cache = props(routing_view(cache, str_tokens))
+    np.testing.assert_allclose(from_model.pop("activations"), from_cache.pop("activations"), **TOL)
+    assert from_model == from_cache
+    from_model = props(routing_view(olmoe, PROMPT))
+    probs = router_probs(olmoe)
+    expected = torch.stack([hand_dense_weights(olmoe, probs[layer]) for layer in olmoe.cfg.moe_layers], dim=1)
+    np.testing.assert_allclose(np.array(from_model["activations"]), expected.numpy(), **TOL)
+    assert from_model["tokens"] == [html.escape(t, quote=False) for t in str_tokens]
+    assert from_model["firstDimensionLabels"] == [str(layer) for layer in olmoe.cfg.moe_layers]
+    assert from_model["secondDimensionLabels"] == [str(e) for e in range(olmoe.cfg.n_experts)]
+
+
+def test_expert_weight_and_top1_view_values(olmoe):
+    probs = router_probs(olmoe)
+    layer, expert = 1, int(probs[1][-1].argmax())
+    weight_props = props(expert_weight_view(olmoe, PROMPT, layer, expert))
+    np.testing.assert_allclose(weight_props["values"], hand_dense_weights(olmoe, probs[layer])[:, expert].numpy(), **TOL)
+    assert (weight_props["minValue"], weight_props["maxValue"]) == (0.0, 1.0)
+    assert weight_props["values"][-1] > 0  # the expert is this token's top-1
+    top1_props = props(top1_expert_view(olmoe, PROMPT))
+    expected = torch.stack([probs[layer].argmax(-1) for layer in olmoe.cfg.moe_layers], dim=1)
+    assert np.array_equal(np.array(top1_props["values"]), expected.float().numpy())
+    assert top1_props["labels"] == [f"layer {layer}" for layer in olmoe.cfg.moe_layers]
+
+
+def test_routing_view_errors(olmoe, qwen):
+    _, cache = olmoe.run_with_cache(PROMPT, names_filter=lambda name: name.endswith("resid_post"))
+    with pytest.raises(ValueError, match="holds no routing"):
+        routing_view(cache, olmoe.to_str_tokens(PROMPT))
+    _, cache = olmoe.run_with_cache(PROMPT)
+    with pytest.raises(ValueError, match="string tokens given but the cache has"):
+        routing_view(cache, ["a", "b"])
+    with pytest.raises(TypeError, match="string tokens"):
+        routing_view(cache, PROMPT)
+    with pytest.raises(ValueError, match="not a MoE layer"):
+        expert_weight_view(qwen, PROMPT, layer=1, expert=0)
+    with pytest.raises(ValueError, match="out of range"):
+        expert_weight_view(olmoe, PROMPT, layer=0, expert=olmoe.cfg.n_experts)
+
+
+def test_offline_view_never_asks_for_the_network(olmoe, monkeypatch):
+    import circuitsvis.utils.render as render
+
+    def no_network():
+        raise AssertionError("the offline view must not probe the network")
+
+    monkeypatch.setattr(render, "internet_on", no_network)
+    view = routing_view(olmoe, PROMPT)
+    shown = view._repr_html_()
+    assert shown == view.rendered.local_src
+    assert "unpkg.com" not in shown and "CircuitsVis.render(" in shown
+    assert "unpkg.com" not in view.to_html()
+    monkeypatch.setattr(render, "internet_on", lambda: True)
+    online = routing_view(olmoe, PROMPT, offline=False)._repr_html_()
+    assert "https://unpkg.com/circuitsvis@" in online  # circuitsvis's own behaviour when online
+
+
+RENDERED = """(() => {
+  const root = document.querySelector('[id^="circuits-vis-"]');
+  return root && root.innerText.length > 0 ? {text: root.innerText, selects: root.querySelectorAll("select").length,
+    spans: root.querySelectorAll("span").length, images: document.images.length} : null;
+})()"""
+
+
+@needs_chromium
+def test_offline_routing_view_renders_in_chromium_without_network(olmoe, tmp_path):
+    _, cache = olmoe.run_with_cache(PROMPT)
+    str_tokens = olmoe.to_str_tokens(PROMPT)
+    hostile = ["</script>", '<img src="http://example.invalid/x.png">', "a&b"]
+    str_tokens[1 : 1 + len(hostile)] = hostile
+    path = routing_view(cache, str_tokens).save(tmp_path / "routing.html")
+    page = open_page(path, ready=RENDERED)
+    assert page.console_errors == []
+    assert page.network_requests == []
+    assert page.requests == [path.resolve().as_uri()]
+    assert not is_blank(page.screenshot)
+    assert page.value["selects"] == 2  # the layer and expert pickers
+    assert page.value["images"] == 0
+    for token in hostile:  # shown as text, not parsed as HTML (circuitsvis shows spaces as &nbsp;)
+        assert token in page.value["text"].replace("\xa0", " ")
+
+
+@needs_chromium
+def test_offline_top1_view_renders_in_chromium(olmoe, tmp_path):
+    path = top1_expert_view(olmoe, PROMPT).save(tmp_path / "top1.html")
+    page = open_page(path, ready=RENDERED)
+    assert page.console_errors == [] and page.network_requests == []
+    for layer in olmoe.cfg.moe_layers:
+        assert f"layer {layer}" in page.value["text"]
+
+
+# --------------------------------------------------------------------------- expert-lens grid
+class CellParser(HTMLParser):
+    """Collects the table: header texts and, per body row, the text of each cell."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.cell, self.styles, self.titles, self.in_cell = [], None, [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        if tag in ("td", "th"):
+            self.cell, self.in_cell = [], True
+            attrs = dict(attrs)
+            self.styles.append(attrs.get("style"))
+            self.titles.append(attrs.get("title"))
+        if tag == "script":
+            raise AssertionError("the grid must hold no script")
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.rows[-1].append("".join(self.cell))
+            self.in_cell = False
+        if tag == "span" and self.in_cell:
+            self.cell.append("|")
+
+    def handle_data(self, data):
+        if self.in_cell:
+            self.cell.append(data)
+
+
+def lens_rows(layer, variant, k, tokens, probs, expert=None, weight=None):
+    return [dict(layer=layer, variant=variant, k=k, expert=expert, weight=weight, rank=r, token_id=r,
+                 token=t, prob=p) for r, (t, p) in enumerate(zip(tokens, probs))]
+
+
+def known_lens_table() -> pd.DataFrame:
+    rows = []
+    for layer in (3, 1):  # out of order on purpose
+        rows += lens_rows(layer, "resid_post", 2, [f"post{layer}", "x"], [0.9, 0.1])
+        rows += lens_rows(layer, "expert", 2, ["e2tok", "y"], [0.3, 0.2], expert=7, weight=0.25)
+        rows += lens_rows(layer, "expert", 1, ["<script>", "z"], [0.6, 0.1], expert=4, weight=0.75)
+        rows += lens_rows(layer, "top2", 2, ["a\nb", "q"], [0.5, 0.4])
+        rows += lens_rows(layer, "top1", 1, ['"quote"', "&"], [0.2, 0.1])
+        rows += lens_rows(layer, "resid_mid", 0, ["mid", "m"], [0.05, 0.01])
+    return pd.DataFrame(rows).astype({"expert": "Int64", "weight": "float64"})
+
+
+def test_expert_lens_grid_layout_and_escaping(tmp_path):
+    grid = ExpertLensGrid(known_lens_table(), title="a <title>")
+    assert grid.layers == [1, 3]
+    assert grid.columns == ["resid_mid", "top1", "top2", "resid_post", "expert 1", "expert 2"]
+    parser = CellParser()
+    parser.feed(grid.to_html())
+    header, *body = parser.rows
+    assert header[1:] == ["resid_mid (u)", "Hl,1", "Hl,2", "layer output", "expert #1 alone", "expert #2 alone"]
+    for layer, row in zip([1, 3], body):
+        assert row[0] == f"layer {layer}"
+        tokens = [cell.split("|")[0] for cell in row[1:]]
+        assert tokens == ["mid", '"quote"', "a\\nb", f"post{layer}", "<script>", "e2tok"]
+        assert row[5].split("|")[1] == "E4 w=0.75 · p=0.60"
+        assert row[6].split("|")[1] == "E7 w=0.25 · p=0.30"
+        assert row[1].split("|")[1] == "p=0.05"
+    assert "<script>" not in grid.to_html() and "&lt;script&gt;" in grid.to_html()
+    # background darkens with probability: compare the lightness of p=0.9 and p=0.05 cells
+    cell_styles = [s for s in parser.styles if s]
+    lightness = [float(re.search(r"(\d+)%\)", s).group(1)) for s in cell_styles]
+    assert lightness[3] < lightness[0]  # resid_post (0.9) darker than resid_mid (0.05)
+    tooltips = [t for t in parser.titles if t]
+    assert tooltips[4] == "<script>  0.600\nz  0.100"
+    saved = grid.save(tmp_path / "grid.html").read_text()
+    assert saved.startswith("<!DOCTYPE html>") and grid.to_html() in saved
+
+
+def test_expert_lens_grid_from_the_lens(qwen):
+    _, cache = qwen.run_with_cache(PROMPT)
+    table = expert_lens(qwen, cache, include_shared=True)
+    grid = ExpertLensGrid(table)
+    k = qwen.cfg.top_k
+    assert grid.layers == list(qwen.cfg.moe_layers)
+    assert grid.columns == ["resid_mid", *[f"top{j}" for j in range(1, k + 1)], "shared", "resid_post",
+                            *[f"expert {j}" for j in range(1, k + 1)]]
+    top = table[table["rank"] == 0]
+    for row in top.itertuples():
+        column = f"expert {row.k}" if row.variant == "expert" else row.variant
+        cell = grid.cell(row.layer, column)
+        assert (cell.token, cell.prob) == (row.token, pytest.approx(row.prob))
+        if row.variant == "expert":
+            assert (cell.expert, cell.weight) == (row.expert, pytest.approx(row.weight))
+
+
+def test_expert_lens_grid_bad_input():
+    with pytest.raises(ValueError, match="missing"):
+        ExpertLensGrid(pd.DataFrame({"layer": [0]}))
+    table = known_lens_table()
+    table.loc[0, "variant"] = "mystery"
+    with pytest.raises(ValueError, match="unknown expert_lens variants"):
+        ExpertLensGrid(table)
+
+
+@needs_chromium
+def test_expert_lens_grid_renders_in_chromium(tmp_path):
+    path = ExpertLensGrid(known_lens_table()).save(tmp_path / "grid.html")
+    page = open_page(path, ready="document.querySelectorAll('td').length")
+    assert page.console_errors == [] and page.network_requests == []
+    assert page.value == 2 * 6
+    assert not is_blank(page.screenshot)
+
+
+# --------------------------------------------------------------------------- figures
+COUNTS = np.array([  # [domain, layer, expert], top_k = 2, 10 tokens per (domain, layer)
+    [[10, 5, 3, 2], [4, 4, 6, 6]],
+    [[1, 9, 9, 1], [5, 5, 5, 5]],
+])
+
+
+def known_spec() -> pd.DataFrame:
+    return specialization(RoutingCounts(COUNTS, domains=["code", "math"], layers=[2, 5], top_k=2))
+
+
+def dashed_lines(ax):
+    return [line for line in ax.lines if line.get_linestyle() == "--"]
+
+
+def test_specialization_figure_bars_and_baseline():
+    fig = specialization_figure(known_spec())
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2
+    for l_idx, ax in enumerate(axes):
+        assert ax.get_title() == f"layer {[2, 5][l_idx]}"
+        for d_idx, bars in enumerate(ax.containers):
+            assert bars.get_label() == ["code", "math"][d_idx]
+            heights = [bar.get_height() for bar in bars]
+            np.testing.assert_allclose(heights, COUNTS[d_idx, l_idx] / 10)
+            centres = [bar.get_x() + bar.get_width() / 2 for bar in bars]
+            np.testing.assert_allclose(centres, np.arange(4) + (d_idx - 0.5) * 0.4)
+        (baseline,) = dashed_lines(ax)
+        np.testing.assert_allclose(baseline.get_ydata(), [2 / 4, 2 / 4])
+    one = specialization_figure(known_spec(), layers=[5], domains=["math"])
+    (ax,) = [ax for ax in one.axes if ax.get_visible()]
+    (bars,) = ax.containers
+    np.testing.assert_allclose([b.get_height() for b in bars], COUNTS[1, 1] / 10)
+    with pytest.raises(ValueError, match="no layer 9"):
+        specialization_figure(known_spec(), layers=[9])
+
+
+def assert_lines(ax, expected: dict[str, tuple[list, list]]):
+    lines = {line.get_label(): line for line in ax.lines}
+    assert list(lines) == list(expected)
+    for label, (x, y) in expected.items():
+        np.testing.assert_allclose(lines[label].get_xdata(), x)
+        np.testing.assert_allclose(lines[label].get_ydata(), y)
+
+
+def test_line_figures_plot_the_table():
+    cosine = pd.DataFrame({
+        "domain": ["en"] * 4 + ["fr"] * 4,
+        "layer": [0, 0, 2, 2] * 2,
+        "variant": ["all_tokens", "last_token"] * 4,
+        "cosine": [0.9, 0.8, 0.7, 0.6, 0.95, 0.85, 0.75, 0.65],
+        "n_tokens": 1,
+    })
+    fig = cosine_figure(cosine.sort_values("layer", ascending=False, kind="stable"))  # x in any order
+    all_tokens, last_token = fig.axes[:2]
+    assert_lines(all_tokens, {"en": ([0, 2], [0.9, 0.7]), "fr": ([0, 2], [0.95, 0.75])})
+    assert_lines(last_token, {"en": ([0, 2], [0.8, 0.6]), "fr": ([0, 2], [0.85, 0.65])})
+
+    ppl = pd.DataFrame({"domain": ["en", "en", "en"], "k": [3, 1, 2], "mean_log_ppl": [1.0, 3.0, 2.0],
+                        "ppl": np.exp([1.0, 3.0, 2.0]), "normalized_log_ppl": [0.0, 1.0, 0.5], "n_tokens": 5})
+    assert_lines(perplexity_figure(ppl).axes[0], {"en": ([1, 2, 3], [1.0, 0.5, 0.0])})
+    assert_lines(perplexity_figure(ppl, value="ppl").axes[0], {"en": ([1, 2, 3], np.exp([3.0, 2.0, 1.0]))})
+
+    pruning = pd.DataFrame({"domain": ["en", "en", "fr", "fr"], "fraction": [0.0, 0.5, 0.0, 0.5],
+                            "n_pruned_per_layer": [0, 2, 0, 2], "mean_log_ppl": [1, 2, 1.5, 2.5],
+                            "ppl": [2.7, 7.4, 4.5, 12.2]})
+    assert_lines(pruning_figure(pruning).axes[0], {"en": ([0, 0.5], [2.7, 7.4]), "fr": ([0, 0.5], [4.5, 12.2])})
+    with pytest.raises(ValueError, match="columns \\['cosine'\\] are missing"):
+        cosine_figure(cosine.drop(columns="cosine"))
+
+
+def test_coactivation_figure_shows_the_matrix():
+    matrix = np.array([[1.0, 0.2, 0.0], [0.2, 1.0, 0.5], [0.0, 0.5, 1.0]])
+    fig = coactivation_figure(matrix, title="layer 3")
+    ax = fig.axes[0]
+    np.testing.assert_array_equal(ax.images[0].get_array(), matrix)
+    assert ax.get_title() == "layer 3"
+    with pytest.raises(ValueError, match="square"):
+        coactivation_figure(np.zeros((2, 3)))
+
+
+def test_figures_render_to_png_with_the_agg_backend():
+    png = to_png(specialization_figure(known_spec()))
+    assert png.startswith(b"\x89PNG")
+    import matplotlib.image
+    import io
+
+    image = matplotlib.image.imread(io.BytesIO(png), format="png")
+    assert not is_blank(image)
+    assert matplotlib.colors.to_hex(image[0, 0, :3]) == "#ffffff"
