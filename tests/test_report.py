@@ -4,11 +4,11 @@ network), and clear errors, before any model work, on bad input."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shlex
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -51,14 +51,16 @@ def corpus_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(model_dir, corpus_files, tmp_path_factory):
-    """The console script run as a user would: returns (report folder, argv, finished process)."""
+    """The console script's `main` run on a command line: returns (report folder, argv, stdout, stderr)."""
     out = tmp_path_factory.mktemp("run") / "my report"
     argv = ["report", "--model", str(model_dir), "--max-tokens", str(MAX_TOKENS), "--batch-size", "2", "--out", str(out)]
     for domain, path in corpus_files.items():
         argv += ["--corpus", f"{domain}={path}"]
-    done = subprocess.run([sys.executable, "-m", "moe_hooked.cli", *argv], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return out, argv, done
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = main(argv)
+    assert status == 0, stderr.getvalue()
+    return out, argv, stdout.getvalue(), stderr.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +69,9 @@ def model(model_dir):
 
 
 def test_report_writes_every_file(report):
-    out, _, done = report
-    assert f"report written to {out / 'index.html'}" in done.stdout
-    assert "report:" in done.stderr  # the tqdm progress bar
+    out, _, stdout, stderr = report
+    assert f"report written to {out / 'index.html'}" in stdout
+    assert "report:" in stderr  # the tqdm progress bar
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     expected = {"index.html", "report.json", "counts.json", "expert_lens.csv"}
     expected |= {f"{name}.csv" for name in ("specialization", "coverage", "entropy", "specialists", "cosine", "perplexity", "pruning")}
@@ -81,7 +83,7 @@ def test_report_writes_every_file(report):
 
 
 def test_report_numbers(report, model):
-    out, argv, _ = report
+    out, argv, _, _ = report
     counts = RoutingCounts.load(out / "counts.json")
     assert counts.domains == list(CORPORA)
     assert counts.layers == list(model.cfg.moe_layers)
@@ -124,7 +126,7 @@ READY = "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0
 
 @needs_chromium
 def test_index_page_loads_offline_in_chromium(report):
-    out, _, _ = report
+    out, _, _, _ = report
     page = open_page(out / "index.html", ready=READY)
     assert page.console_errors == []
     assert page.network_requests == []
@@ -135,7 +137,7 @@ def test_index_page_loads_offline_in_chromium(report):
 
 @needs_chromium
 def test_routing_pages_render_their_component(report):
-    out, _, _ = report
+    out, _, _, _ = report
     ready = "(() => { const root = document.querySelector('[id^=\"circuits-vis-\"]'); " \
             "return root && root.querySelectorAll('select').length; })()"
     for domain in CORPORA:
