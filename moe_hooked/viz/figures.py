@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 PANEL_SIZE = (5.0, 3.4)
 
@@ -46,10 +47,13 @@ def _panels(n: int, ncols: int, size: tuple[float, float] = PANEL_SIZE) -> tuple
 
 
 def _lines(ax: Axes, frame: pd.DataFrame, x: str, y: str, by: str = "domain") -> None:
-    """One line per value of `by` (in order of appearance), points sorted by `x`."""
+    """One line per value of `by` (in order of appearance), points sorted by `x`; whole-number
+    x values get whole-number ticks."""
     for label, rows in frame.groupby(by, sort=False):
         rows = rows.sort_values(x)
         ax.plot(rows[x].to_numpy(), rows[y].to_numpy(), marker="o", markersize=3, label=str(label))
+    if pd.api.types.is_integer_dtype(frame[x]):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
 
