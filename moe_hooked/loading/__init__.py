@@ -59,8 +59,15 @@ def load_tokenizer(folder: Path):
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    # AutoTokenizer reads config.json too and warns about model types transformers lacks (deepseek)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_pretrained(model_cls, name_or_path, dtype=None, device=None, revision=None, router_dtype=None):
