@@ -1,0 +1,79 @@
+"""Write a `HookedMoETransformer` as a checkpoint folder in its family's Hugging Face hub layout.
+
+The inverse of loading: each family's `weight_names(cfg)` sends hub keys to our parameters
+(and, for stacked experts, an expert index); saving walks the same map backwards, writing one
+tensor per expert. Loading the folder back gives the same parameters, hence the same logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save_file
+
+from moe_hooked.config import MoEConfig
+from moe_hooked.loading import family
+
+if TYPE_CHECKING:
+    from moe_hooked.model import HookedMoETransformer
+
+RUNTIME_FIELDS = ("dtype", "device", "original_config")
+"""MoEConfig fields that say where a model runs, not what it computes."""
+
+
+def check_config_matches(cfg: MoEConfig, hf_config: dict) -> None:
+    """Raise a ValueError naming every field where `hf_config`, as its family translates it,
+    describes a different model than `cfg`."""
+    translated = family(hf_config).config_from_hf(hf_config)
+    differing = [
+        f"{f.name}: {getattr(cfg, f.name)!r} in the model, {getattr(translated, f.name)!r} in hf_config"
+        for f in dataclasses.fields(cfg)
+        if f.name not in RUNTIME_FIELDS and getattr(cfg, f.name) != getattr(translated, f.name)
+    ]
+    if differing:
+        raise ValueError(
+            "hf_config describes a different model than the one being saved; fix these fields of "
+            "hf_config (or of the model's MoEConfig):\n  " + "\n  ".join(differing)
+        )
+
+
+def hub_state_dict(model: HookedMoETransformer, hf_config: dict) -> dict[str, torch.Tensor]:
+    """The model's weights under the hub keys of `hf_config`'s family, one tensor per expert.
+
+    Tensors are detached contiguous CPU copies in the model's dtype.
+    """
+    cfg = model.cfg
+    check_config_matches(cfg, hf_config)
+    if cfg.tie_word_embeddings and not torch.equal(model.unembed.weight, model.embed.W_E):
+        raise ValueError(
+            "the config ties the word embeddings, but the model's unembedding weight differs from its "
+            "embedding: save it with tie_word_embeddings=false"
+        )
+    params = dict(model.named_parameters())
+    tensors = {}
+    for key, target in family(hf_config).weight_names(cfg).items():
+        tensor = params[target.param] if target.expert is None else params[target.param][target.expert]
+        tensors[key] = tensor.detach().to("cpu", copy=True).contiguous()
+    return tensors
+
+
+def save_hub_checkpoint(model: HookedMoETransformer, folder: str | Path, hf_config: dict) -> Path:
+    """Save `model` to `folder` as a Hugging Face checkpoint: config.json (`hf_config`),
+    model.safetensors with the family's hub keys, and the tokenizer files if the model has a
+    tokenizer. `HookedMoETransformer.from_pretrained(folder)` loads it back with the same logits.
+
+    `hf_config` must describe the model: it is translated with its family's `config_from_hf`
+    and compared with `model.cfg` field by field (a mismatch raises a ValueError).
+    """
+    folder = Path(folder)
+    tensors = hub_state_dict(model, hf_config)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(folder))
+    return folder
