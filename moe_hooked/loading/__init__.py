@@ -8,6 +8,7 @@ it takes to support a new family.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
@@ -61,11 +62,14 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    # AutoTokenizer reads config.json too and warns about model types transformers lacks (deepseek)
+    # AutoTokenizer reads config.json too, and warns about what transformers itself would not
+    # load (a model type it lacks, DeepSeekMoE's `rope_scaling: null`): irrelevant to a tokenizer.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return AutoTokenizer.from_pretrained(str(folder))
     finally:
         hf_logging.set_verbosity(verbosity)
 
