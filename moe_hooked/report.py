@@ -421,27 +421,18 @@ def write_report(inputs: ReportInputs) -> Path:
     return inputs.out
 
 
-def build_report(
-    model_name: str = DEFAULT_MODEL,
-    corpora: Mapping[str, str | Path | Sequence[str]] | None = None,
-    out: str | Path = DEFAULT_OUT,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    dtype: str | torch.dtype | None = None,
-    device: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    command: str | None = None,
-) -> Path:
+def build_report(*args, **kwargs) -> Path:
     """Run every analysis on `model_name` over `corpora` and write the report folder `out`.
+
+    Takes the arguments of :func:`prepare_report` (`model_name`, `corpora`, `out`,
+    `max_tokens`, `batch_size`, `dtype`, `device`, `overwrite`, `progress`, `command`).
 
     `corpora`: `{domain: path to a .txt/.jsonl file, or a list of texts}`; None uses the
     built-in sample corpora. `max_tokens` caps the tokens each corpus analysis reads per
     domain. `command` is recorded in the report (the CLI passes its command line). Raises
     :class:`ReportError` before any analysis if an input is unusable. Returns `out`.
     """
-    inputs = prepare_report(model_name, corpora, out, max_tokens, batch_size, dtype, device, overwrite, progress, command)
-    return write_report(inputs)
+    return write_report(prepare_report(*args, **kwargs))
 
 
 __all__ = ["ReportError", "ReportInputs", "build_report", "prepare_report", "write_report"]
