@@ -70,7 +70,7 @@ from moe_hooked.viz import (
 
 DEFAULT_MODEL = "moe-hooked/demo"
 DEFAULT_OUT = "moe_hooked_report"
-DEFAULT_MAX_TOKENS = 1024
+DEFAULT_MAX_TOKENS = 2048
 """Tokens read per domain by each corpus analysis. The analyses make ten passes over the
 corpora (routing, cosine, four k', four pruning fractions): on a checkpoint of the demo model's
 size (4 layers, d_model 128, 16 experts, top-4, 4096 tokens) and the five built-in corpora the
