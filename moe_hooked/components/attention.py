@@ -137,7 +137,7 @@ class Attention(nn.Module):
         return causal & key_mask[:, None, None, :].bool()
 
     def _explicit_attention(self, q, k, v, mask) -> Float[torch.Tensor, "batch head pos d_head"]:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.cfg.d_head**-0.5
-        scores = self.hook_attn_scores(scores.masked_fill(~mask, torch.finfo(scores.dtype).min))
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.cfg.d_head**-0.5)  # in place: no second copy
+        scores = self.hook_attn_scores(scores.masked_fill_(~mask, torch.finfo(scores.dtype).min))
         pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
         return torch.matmul(pattern, v)

@@ -56,6 +56,8 @@ class Experts(nn.Module):
             if count:
                 grouped_out[start : start + count] = self.expert(e, grouped_in[start : start + count])
                 start += count
+        if slots.numel() == n * k:  # every slot computed: undo the sort with one gather
+            return grouped_out[torch.argsort(slots)].view(n, k, -1)
         out = x.new_zeros(n * k, x.shape[-1])
         out[slots] = grouped_out
         return out.view(n, k, -1)
