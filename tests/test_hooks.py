@@ -141,15 +141,13 @@ def test_editing_weights_indices_and_expert_out_changes_the_mix(olmoe, tokens):
     def swap_slots(idx, hook):
         return idx.flip(-1)
 
-    fwd = olmoe.run_with_hooks
-    name = lambda n: get_act_name(n, layer)  # noqa: E731
-    _, cache = olmoe.run_with_cache(tokens, names_filter=lambda n: n.startswith(f"blocks.{layer}.mlp"))
-    w, out = cache["topk_weights", layer], cache["expert_out", layer]
-    doubled = fwd(tokens, return_type=None, fwd_hooks=[(name("topk_weights"), double_slot0)])
-    assert doubled is None
+    name = lambda short: get_act_name(short, layer)  # noqa: E731
+    w, out = clean["topk_weights", layer], clean["expert_out", layer]
+    assert olmoe.run_with_hooks(tokens, return_type=None, fwd_hooks=[(name("topk_weights"), double_slot0)]) is None
     with olmoe.hooks(fwd_hooks=[(name("topk_weights"), double_slot0)]):
         _, c = olmoe.run_with_cache(tokens)
-    assert torch.allclose(c["routed_out", layer], (w[..., None] * out).sum(-2) + w[..., :1, None].mul(out[..., :1, :]).sum(-2), atol=1e-6)
+    slot0_doubled = (w[..., None] * out).sum(-2) + w[..., 0, None] * out[..., 0, :]
+    assert torch.allclose(c["routed_out", layer], slot0_doubled, atol=1e-6)
     with olmoe.hooks(fwd_hooks=[(name("expert_out"), zero_expert_out)]):
         _, c = olmoe.run_with_cache(tokens)
     assert torch.equal(c["mlp_out", layer], torch.zeros_like(c["mlp_out", layer]))
