@@ -8,6 +8,7 @@ checkpoint family it runs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -118,6 +119,21 @@ class MoEConfig:
                 f"MoE layers are {list(self.moe_layers)}"
             )
         return layer
+
+    def check_top_k(self, k: int) -> int:
+        """Return `k` if 1 <= k <= top_k, else raise a ValueError naming the range."""
+        if not 1 <= k <= self.top_k:
+            raise ValueError(f"k must be in 1..{self.top_k} (the model's top-k), got {k}")
+        return k
+
+    def resolve_moe_layers(self, layers: int | Iterable[int] | None) -> list[int]:
+        """MoE layer ids: all of them for None, else the given ones, each checked."""
+        if layers is None:
+            return list(self.moe_layers)
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        if not layers:
+            raise ValueError(f"no layer given: pick MoE layers among {list(self.moe_layers)}")
+        return [self.check_moe_layer(layer) for layer in layers]
 
     def check_expert(self, expert: int) -> int:
         """Return ``expert`` if it is a valid routed-expert id, else raise a ValueError."""

@@ -69,16 +69,6 @@ def _cfg(model) -> MoEConfig:
     return cfg
 
 
-def _layers(cfg: MoEConfig, layers: int | Iterable[int] | None) -> list[int]:
-    """MoE layer ids: all of them for None, else the given ones (each checked)."""
-    if layers is None:
-        return list(cfg.moe_layers)
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    if not layers:
-        raise ValueError(f"no layer given: pick MoE layers among {list(cfg.moe_layers)}")
-    return [cfg.check_moe_layer(layer) for layer in layers]
-
-
 def _expert_ids(cfg: MoEConfig, experts: int | Iterable[int]) -> list[int]:
     ids = [experts] if isinstance(experts, int) else [int(e) for e in experts]
     if len(set(ids)) != len(ids):
@@ -92,12 +82,6 @@ def _expert_spec(cfg: MoEConfig, experts: Mapping[int, int | Iterable[int]]) -> 
         raise TypeError(f"experts must be a dict {{layer: [expert ids]}}, got {type(experts).__name__}")
     spec = {cfg.check_moe_layer(layer): _expert_ids(cfg, ids) for layer, ids in experts.items()}
     return {layer: ids for layer, ids in spec.items() if ids}
-
-
-def _check_k(cfg: MoEConfig, k: int) -> int:
-    if not 1 <= k <= cfg.top_k:
-        raise ValueError(f"k must be in 1..{cfg.top_k} (the model's top-k), got {k}")
-    return k
 
 
 class _Latest:
@@ -291,7 +275,7 @@ def expert_output_means(
     Returns `{layer: [n_experts d_model]}` for the MoE `layers` (default all).
     """
     cfg = _cfg(model)
-    layers = _layers(cfg, layers)
+    layers = cfg.resolve_moe_layers(layers)
     sums = {layer: 0 for layer in layers}
     counts = {layer: 0 for layer in layers}
     names = [get_act_name(name, layer) for layer in layers for name in ("topk_indices", "topk_weights", "expert_out")]
@@ -333,7 +317,7 @@ def keep_top_k(model, k: int, layers: int | Iterable[int] | None = None, renorma
     top_k weights. `k` = the model's top_k changes nothing. `layers`: MoE layers (default all).
     """
     cfg = _cfg(model)
-    _check_k(cfg, k)
+    cfg.check_top_k(k)
 
     def keep(weights: Float[torch.Tensor, "batch pos k"], hook: HookPoint) -> torch.Tensor:
         kept = weights[..., :k]
@@ -343,7 +327,7 @@ def keep_top_k(model, k: int, layers: int | Iterable[int] | None = None, renorma
             kept = kept * scale
         return torch.cat([kept, torch.zeros_like(weights[..., k:])], dim=-1)
 
-    return [(get_act_name("topk_weights", layer), keep) for layer in _layers(cfg, layers)]
+    return [(get_act_name("topk_weights", layer), keep) for layer in cfg.resolve_moe_layers(layers)]
 
 
 def route_to(model, layer: int, experts: int | Iterable[int]) -> FwdHooks:
@@ -405,7 +389,7 @@ def patch_expert_outputs(
     weighted mix of the routed experts instead.
     """
     cfg = _cfg(model)
-    layers = _layers(cfg, layers)
+    layers = cfg.resolve_moe_layers(layers)
     names = _patch_names(cfg, hooks, slots, match)
     slots = _slot_ids(cfg, slots)
     result = []

@@ -65,20 +65,9 @@ def _at(x: Float[torch.Tensor, "batch pos ..."], batch: int, pos: int) -> Float[
     return x[batch, pos]
 
 
-def _moe_layers(model, layers: Sequence[int] | None) -> list[int]:
-    if layers is None:
-        return list(model.cfg.moe_layers)
-    return [model.cfg.check_moe_layer(layer) for layer in layers]
-
-
 def _check_shared(model, include_shared: bool) -> None:
     if include_shared and not model.cfg.d_shared_expert:
         raise ValueError(f"include_shared=True, but this {model.cfg.architecture} model has no shared expert")
-
-
-def _check_k(model, k: int) -> None:
-    if not 1 <= k <= model.cfg.top_k:
-        raise ValueError(f"k must be in [1, top_k={model.cfg.top_k}], got {k}")
 
 
 def _by_weight(
@@ -229,7 +218,7 @@ def expert_lens(
     """
     _check_shared(model, include_shared)
     blocks = [_expert_lens_layer(model, cache, layer, batch, pos, include_shared, experts_alone)
-              for layer in _moe_layers(model, layers)]
+              for layer in model.cfg.resolve_moe_layers(layers)]
     vectors = torch.cat([v for v, _ in blocks])
     meta = pd.concat([m for _, m in blocks], ignore_index=True).astype({"expert": "Int64", "weight": "float64"})
     return _top_tokens(model, model.ln_final(vectors), top, meta)
@@ -245,7 +234,7 @@ def token_topk_cosine(
 ) -> Float[torch.Tensor, "batch pos"]:
     """cos(H^{l,k}, H^{l,top_k}) at every position of MoE layer `layer` (k = 1: the paper's
     top-1 vs top-k), computed in float32."""
-    _check_k(model, k)
+    model.cfg.check_top_k(k)
     stack = expert_resid_stack(model, cache, layer, include_shared).float()
     return F.cosine_similarity(stack[..., k - 1, :], stack[..., -1, :], dim=-1)
 
@@ -298,7 +287,7 @@ def topk_cosine_from_cache(
     variant, cosine, n_tokens`, with variant "all_tokens" (every real token) and
     "last_token" (the last real token of each sequence, as the paper).
     """
-    _check_k(model, k)
+    model.cfg.check_top_k(k)
     first = _get(cache, "resid_mid", model.cfg.moe_layers[0])
     mask = torch.ones(first.shape[:2], dtype=torch.bool, device=first.device)
     if attention_mask is not None:
@@ -326,7 +315,7 @@ def topk_cosine(
 
     Returns `domain, layer, variant, cosine, n_tokens` (variants "all_tokens", "last_token").
     """
-    _check_k(model, k)
+    model.cfg.check_top_k(k)
     _check_shared(model, include_shared)
     hooks = ("resid_mid", "topk_weights", "expert_out") + (("shared_out",) if include_shared else ())
     names = [get_act_name(name, layer) for layer in model.cfg.moe_layers for name in hooks]
