@@ -44,6 +44,7 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens.hook_points import HookPoint
 
 from moe_hooked.config import MoEConfig
+from moe_hooked.corpus import corpus_batches
 from moe_hooked.hook_names import get_act_name
 
 HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]
@@ -298,9 +299,6 @@ def _reference_batches(model, tokens_or_texts, batch_size: int, max_length: int 
         for batch in tokens.split(batch_size):
             yield batch, torch.ones_like(batch)
         return
-    # imported here: moe_hooked.analysis imports this module
-    from moe_hooked.analysis.streaming import corpus_batches
-
     corpus = {"reference": list(tokens_or_texts)}
     for _, batch in corpus_batches(model, corpus, max_length, batch_size, progress=progress, what="expert_output_means"):
         yield batch.tokens, batch.attention_mask

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 
-from moe_hooked.analysis.streaming import corpus_batches
+from moe_hooked.corpus import corpus_batches
 from moe_hooked.hook_names import get_act_name
 
 __all__ = [

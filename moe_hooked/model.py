@@ -10,27 +10,14 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import HookedRootModule
 
+from moe_hooked.cache import MoEActivationCache
 from moe_hooked.components import Embed, MoEBlock, MoEHookPoint, RMSNormPre, TransformerBlock, Unembed
 from moe_hooked.config import MoEConfig
-from moe_hooked.hook_names import get_act_name
 
 ModelInput = str | Sequence[str] | Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"]
 ReturnType = Literal["logits", "loss", "both"] | None
-
-
-class MoEActivationCache(ActivationCache):
-    """TransformerLens's `ActivationCache`, also resolving MoE shorthands such as
-    `cache["router_logits", 3]` to `blocks.3.mlp.hook_router_logits`."""
-
-    def __getitem__(self, key) -> torch.Tensor:
-        if isinstance(key, tuple) and isinstance(key[0], str):
-            layer = key[1] if len(key) > 1 else None
-            if isinstance(layer, int) and layer < 0:
-                layer += self.model.cfg.n_layers
-            key = get_act_name(key[0], layer, *key[2:])
-        return super().__getitem__(key)
 
 
 class HookedMoETransformer(HookedRootModule):

@@ -21,7 +21,7 @@ import torch
 
 from moe_hooked.analysis.counts import RoutingCounts
 from moe_hooked.analysis.routing import routing_stats
-from moe_hooked.analysis.streaming import corpus_batches
+from moe_hooked.corpus import corpus_batches
 from moe_hooked.interventions import FwdHooks, ablate_experts, keep_top_k
 
 __all__ = ["perplexity_vs_top_k", "pruning_curve"]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 
 from moe_hooked.analysis.counts import RoutingCounts
-from moe_hooked.analysis.streaming import corpus_batches
+from moe_hooked.corpus import corpus_batches
 from moe_hooked.hook_names import get_act_name
 
 __all__ = ["routing_stats", "top_tokens_per_expert"]
