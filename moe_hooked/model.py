@@ -46,15 +46,20 @@ class HookedMoETransformer(HookedRootModule):
         device: torch.device | str | None = None,
         revision: str | None = None,
         router_dtype: Literal["float32", "model"] | None = None,
+        check_finite: bool = False,
     ) -> HookedMoETransformer:
         """Load a checkpoint in Hugging Face format (config.json + safetensors).
 
         `dtype=None` keeps the checkpoint's own dtype; `router_dtype` overrides where
-        the router softmax runs ("float32" or "model"; default: as the architecture does).
+        the router softmax runs ("float32" or "model"; default: as the architecture does);
+        `check_finite=True` refuses a checkpoint with NaN/Inf weights, listing all of them.
         """
         from moe_hooked.loading import load_pretrained
 
-        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, revision=revision, router_dtype=router_dtype)
+        return load_pretrained(
+            cls, name_or_path, dtype=dtype, device=device, revision=revision, router_dtype=router_dtype,
+            check_finite=check_finite,
+        )
 
     # ------------------------------------------------------------------ weights
     @property

@@ -46,12 +46,19 @@ def checkpoint_dir(name_or_path: str | Path, revision: str | None = None) -> Pat
     return resolve_checkpoint_dir(name_or_path, revision)
 
 
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+"""The dtypes a model can be loaded in."""
+
+
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if dtype is None:
+        return None
+    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"unknown dtype '{dtype}': use e.g. 'float32', 'bfloat16' or 'float16'")
+    if resolved not in MODEL_DTYPES:
+        supported = ", ".join(str(d).removeprefix("torch.") for d in MODEL_DTYPES)
+        raise ValueError(f"dtype {resolved} is not supported for a model; supported are {supported}")
     return resolved
 
 
@@ -74,8 +81,10 @@ def load_tokenizer(folder: Path):
         hf_logging.set_verbosity(verbosity)
 
 
-def load_pretrained(model_cls, name_or_path, dtype=None, device=None, revision=None, router_dtype=None):
-    """Build `model_cls` on the meta device and stream the checkpoint's tensors into it."""
+def load_pretrained(model_cls, name_or_path, dtype=None, device=None, revision=None, router_dtype=None, check_finite=False):
+    """Build `model_cls` on the meta device and stream the checkpoint's tensors into it.
+
+    With `check_finite`, every loaded tensor is checked for NaN/Inf (one error lists all)."""
     folder = checkpoint_dir(name_or_path, revision)
     raw = read_config(folder)
     arch = family(raw)
@@ -87,7 +96,7 @@ def load_pretrained(model_cls, name_or_path, dtype=None, device=None, revision=N
     with torch.device("meta"):
         model = model_cls(cfg, tokenizer=None)
     model = model.to(cfg.dtype).to_empty(device=cfg.device)
-    stream_weights(model, files, arch.weight_names(cfg))
+    stream_weights(model, files, arch.weight_names(cfg), check_finite=check_finite)
     if cfg.tie_word_embeddings:
         with torch.no_grad():
             model.unembed.weight.copy_(model.embed.W_E)
