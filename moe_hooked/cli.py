@@ -83,7 +83,11 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser, command: 
     except ReportError as err:
         print(f"moe-hooked report: error: {err}", file=sys.stderr)
         return 2
-    out = write_report(inputs)
+    try:
+        out = write_report(inputs)
+    except ReportError as err:  # the output folder changed while the report ran
+        print(f"moe-hooked report: error: {err}", file=sys.stderr)
+        return 1
     print(f"report written to {out / 'index.html'}")
     return 0
 

@@ -8,7 +8,8 @@
    model (it must load and have a tokenizer and MoE layers). Problems raise
    :class:`ReportError` with a message naming the input and what to do.
 2. :func:`write_report` runs the analyses and writes, into a temporary sibling folder that is
-   renamed to `out` at the end (a failed run leaves no half-written report):
+   moved to `out` at the end (a failed run leaves no half-written report; see
+   :mod:`moe_hooked.report_folder` for what `overwrite` may replace):
 
    - `index.html`: figures, tables, the model's config, the exact command and package versions;
      opens offline (figures are PNG files beside it, no external request);
@@ -29,7 +30,6 @@ import platform
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
@@ -57,6 +57,7 @@ from moe_hooked.data import builtin_corpora, load_corpora
 from moe_hooked.lens import expert_lens, topk_cosine
 from moe_hooked.loading import CheckpointError, UnsupportedArchitectureError
 from moe_hooked.model import HookedMoETransformer
+from moe_hooked.report_folder import METADATA_FILE, ReportError, build_folder, check_out, publish
 from moe_hooked.viz import (
     ExpertLensGrid,
     coactivation_figure,
@@ -80,14 +81,8 @@ SAMPLE_PROMPT_TOKENS = 24
 MAX_SPECIALIZATION_PANELS = 6
 PRUNING_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
 """Tried in this order; those that would leave fewer than top_k experts are skipped."""
-METADATA_FILE = "report.json"
-"""Written last; its presence marks a folder as a report that `overwrite` may replace."""
 VERSION_PACKAGES = ("moe_hooked", "torch", "transformers", "transformer_lens", "circuitsvis",
                     "numpy", "pandas", "scipy", "matplotlib")
-
-
-class ReportError(ValueError):
-    """A report input is unusable (output folder, corpus, model, option); nothing was computed."""
 
 
 @dataclass
@@ -103,26 +98,10 @@ class ReportInputs:
     command: str
     progress: bool = True
     options: dict = field(default_factory=dict)
+    overwrite: bool = False
 
 
 # --------------------------------------------------------------------------- phase 1: checks
-def _check_out(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out).expanduser().resolve()
-    if out.exists():
-        if not out.is_dir():
-            raise ReportError(f"output path {out} exists and is a file: choose another --out")
-        if not overwrite:
-            raise ReportError(f"output folder {out} already exists: pass --overwrite (overwrite=True) to replace it, or choose another --out")
-        if any(out.iterdir()) and not (out / METADATA_FILE).is_file():
-            raise ReportError(
-                f"output folder {out} is not empty and holds no {METADATA_FILE}, so it is not a moe-hooked "
-                "report: it will not be replaced even with --overwrite; choose another --out"
-            )
-    if not out.parent.is_dir():
-        raise ReportError(f"the parent folder of the output, {out.parent}, does not exist")
-    return out
-
-
 def _check_corpora(corpora: Mapping[str, str | Path | Sequence[str]] | None) -> dict[str, list[str]]:
     if corpora is None:
         return builtin_corpora()
@@ -152,10 +131,22 @@ def _check_model(model_name: str, dtype: str | torch.dtype | None, device: str |
     return model
 
 
+MIN_TOKENS = 2
+"""The smallest `max_tokens` budget that leaves a token to predict (a BOS or first token, and the next)."""
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or value < 1:
             raise ReportError(f"{name} must be a positive whole number, got {value!r}")
+
+
+def _check_budget(max_tokens: int) -> None:
+    if max_tokens < MIN_TOKENS:
+        raise ReportError(
+            f"max_tokens={max_tokens} leaves no token to predict: every analysis needs at least "
+            f"{MIN_TOKENS} tokens per domain (use e.g. --max-tokens 256)"
+        )
 
 
 def prepare_report(
@@ -172,14 +163,15 @@ def prepare_report(
 ) -> ReportInputs:
     """Check the inputs (cheap ones first), load the corpora and the model; raise ReportError on bad input."""
     _check_positive(max_tokens=max_tokens, batch_size=batch_size)
-    out_dir = _check_out(out, overwrite)
+    _check_budget(max_tokens)
+    out_dir = check_out(out, overwrite)
     texts = _check_corpora(corpora)
     model = _check_model(model_name, dtype, device)
     sources = {d: str(s) if isinstance(s, (str, Path)) else f"{len(s)} texts" for d, s in (corpora or {}).items()}
     options = dict(model=model_name, corpora=sources or "built-in", out=str(out_dir), max_tokens=max_tokens,
                    batch_size=batch_size, dtype=str(model.cfg.dtype).removeprefix("torch."), device=str(model.cfg.device))
     command = command or "build_report(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
-    return ReportInputs(model, model_name, texts, out_dir, max_tokens, batch_size, command, progress, options)
+    return ReportInputs(model, model_name, texts, out_dir, max_tokens, batch_size, command, progress, options, overwrite)
 
 
 # --------------------------------------------------------------------------- phase 2: analyses
@@ -381,8 +373,7 @@ def write_report(inputs: ReportInputs) -> Path:
     """Run the analyses and write the report folder (see the module docstring); returns its path."""
     results = _Results()
     slugs = _slugs(list(inputs.corpora))
-    folder = inputs.out.with_name(f".{inputs.out.name}.partial-{uuid.uuid4().hex[:8]}")
-    folder.mkdir()
+    folder = build_folder(inputs.out)
     bar = tqdm(total=6, desc="report", unit="step", disable=not inputs.progress)
 
     @contextmanager
@@ -409,14 +400,12 @@ def write_report(inputs: ReportInputs) -> Path:
                                  config=inputs.model.cfg.to_dict(), versions=versions, timings_s=results.timings,
                                  files=["index.html", *files])
             (folder / METADATA_FILE).write_text(json.dumps(metadata_json, indent=2, default=str))
-        if inputs.out.exists():
-            shutil.rmtree(inputs.out)
-        folder.rename(inputs.out)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     finally:
         bar.close()
+    publish(folder, inputs.out, inputs.overwrite)
     return inputs.out
 
 
