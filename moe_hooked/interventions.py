@@ -256,7 +256,7 @@ def _means(sums: torch.Tensor, counts: torch.Tensor) -> Float[torch.Tensor, "n_e
 
 
 def _means_from_cache(cfg: MoEConfig, cache, layer: int) -> Float[torch.Tensor, "n_experts d_model"]:
-    return _means(*_cached_sums(cfg, cache, layer))
+    return _means(*_cached_sums(cfg, cache, layer, getattr(cache, "attention_mask", None)))
 
 
 def expert_output_means(

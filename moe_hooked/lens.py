@@ -65,6 +65,12 @@ def _at(x: Float[torch.Tensor, "batch pos ..."], batch: int, pos: int) -> Float[
     return x[batch, pos]
 
 
+def _row_pos(cache, batch: int, pos: int) -> int:
+    """`pos` in row `batch`, a negative one counted from the row's last real token (see
+    `MoEActivationCache.resolve_pos`); unchanged for a cache without a mask."""
+    return cache.resolve_pos(pos, batch) if hasattr(cache, "resolve_pos") else pos
+
+
 def _check_shared(model, include_shared: bool) -> None:
     if include_shared and not model.cfg.d_shared_expert:
         raise ValueError(f"include_shared=True, but this {model.cfg.architecture} model has no shared expert")
@@ -149,8 +155,10 @@ def logit_lens(model, cache, pos: int = -1, top: int = 5, batch: int = 0) -> pd.
 
     Returns `layer, label, rank, token_id, token, prob`: `top` rows per residual stream,
     `layer` 0..n_layers (n_layers: the final `resid_post`), `label` as TransformerLens's
-    `accumulated_resid` ("0_pre", ..., "final_post").
+    `accumulated_resid` ("0_pre", ..., "final_post"). A negative `pos` counts back from the
+    row's last real token when the cache holds an attention mask (padded batches).
     """
+    pos = _row_pos(cache, batch, pos)
     _at(_get(cache, "resid_pre", 0), batch, pos)  # range check
     normalized, labels = cache.accumulated_resid(apply_ln=True, pos_slice=pos, return_labels=True)
     meta = pd.DataFrame({"layer": np.arange(len(labels)), "label": labels})
@@ -214,9 +222,11 @@ def expert_lens(
     - "resid_post": the block's output (k = top_k).
 
     Returns `layer, variant, k, expert, weight, rank, token_id, token, prob`, `top` rows per
-    decoded vector (`expert` and `weight` are empty outside "expert" rows).
+    decoded vector (`expert` and `weight` are empty outside "expert" rows). A negative `pos`
+    counts back from the row's last real token when the cache holds an attention mask.
     """
     _check_shared(model, include_shared)
+    pos = _row_pos(cache, batch, pos)
     blocks = [_expert_lens_layer(model, cache, layer, batch, pos, include_shared, experts_alone)
               for layer in model.cfg.resolve_moe_layers(layers)]
     vectors = torch.cat([v for v, _ in blocks])
@@ -283,13 +293,15 @@ def topk_cosine_from_cache(
 ) -> pd.DataFrame:
     """Mean cos(H^{l,k}, H^{l,top_k}) per MoE layer over one cache's real tokens.
 
-    `attention_mask` [batch pos] marks the real tokens (default: all). Returns `layer,
+    `attention_mask` [batch pos] marks the real tokens (default: the cache's own mask, else
+    all). Returns `layer,
     variant, cosine, n_tokens`, with variant "all_tokens" (every real token) and
     "last_token" (the last real token of each sequence, as the paper).
     """
     model.cfg.check_top_k(k)
     first = _get(cache, "resid_mid", model.cfg.moe_layers[0])
     mask = torch.ones(first.shape[:2], dtype=torch.bool, device=first.device)
+    attention_mask = getattr(cache, "attention_mask", None) if attention_mask is None else attention_mask
     if attention_mask is not None:
         mask = attention_mask.to(first.device).bool()
     return _cosine_frame(model, _cosine_sums(model, cache, mask, k, include_shared))

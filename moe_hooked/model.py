@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -128,9 +129,16 @@ class HookedMoETransformer(HookedRootModule):
                 return candidate
         return 0
 
-    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool | None = None) -> Int[torch.Tensor, "batch pos"]:
-        """Token ids [batch pos] of a string or list of strings (right-padded)."""
-        return self._tokenize(text, prepend_bos)[0]
+    def to_tokens(
+        self, text: str | Sequence[str], prepend_bos: bool | None = None, return_attention_mask: bool = False
+    ) -> Int[torch.Tensor, "batch pos"] | tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
+        """Token ids [batch pos] of a string or list of strings, right-padded with the pad token.
+
+        With `return_attention_mask`, returns (tokens, attention_mask [batch pos], 1 on real
+        tokens): pass the mask to `forward`/`run_with_cache` so padding is not read as text.
+        """
+        tokens, mask = self._tokenize(text, prepend_bos)
+        return (tokens, mask) if return_attention_mask else tokens
 
     def to_string(self, tokens: Int[torch.Tensor, "..."] | Sequence[int]) -> str | list[str]:
         """Decode a 1-D sequence of ids to a string, or a 2-D batch to a list of strings."""
@@ -170,7 +178,20 @@ class HookedMoETransformer(HookedRootModule):
             )
         if attention_mask is not None and attention_mask.shape != tokens.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from tokens {tuple(tokens.shape)}")
+        if attention_mask is None:
+            self._warn_if_right_padded(tokens)
         return tokens.to(self.W_E.device).long(), attention_mask
+
+    def _warn_if_right_padded(self, tokens: Int[torch.Tensor, "batch pos"]) -> None:
+        """Token rows of which some, not all, end in the pad id look like a padded batch without its mask."""
+        ends_in_pad = tokens[:, -1] == self.pad_token_id()
+        if tokens.shape[0] > 1 and bool(ends_in_pad.any()) and not bool(ends_in_pad.all()):
+            warnings.warn(
+                f"some token rows end in the pad token (id {self.pad_token_id()}) and some do not: if this is a "
+                "padded batch, pass its attention_mask (tokens, mask = model.to_tokens(texts, "
+                "return_attention_mask=True)), or the pad positions count as text in the loss and the lenses",
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -221,9 +242,13 @@ class HookedMoETransformer(HookedRootModule):
         return (nll * target_mask).sum() / target_mask.sum().clamp(min=1)
 
     def run_with_cache(self, *model_args, **kwargs) -> tuple[torch.Tensor, MoEActivationCache]:
-        """As TransformerLens: returns (output, cache); the cache is an `ActivationCache`."""
-        out, cache_dict = super().run_with_cache(*model_args, **kwargs)
-        return out, MoEActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        """As TransformerLens: returns (output, cache); the cache is an `ActivationCache`
+        whose `attention_mask` [batch pos] is the mask of the run (None: every token real)."""
+        args = list(model_args) or [kwargs.pop("input")]
+        args[0], mask = self._as_tokens(args[0], kwargs.pop("attention_mask", None), kwargs.pop("prepend_bos", None))
+        out, cache_dict = super().run_with_cache(*args, attention_mask=mask, **kwargs)
+        has_batch_dim = not kwargs.get("remove_batch_dim", False)
+        return out, MoEActivationCache(cache_dict, self, has_batch_dim=has_batch_dim, attention_mask=mask)
 
     @contextlib.contextmanager
     def all_experts(self) -> Iterator[HookedMoETransformer]:

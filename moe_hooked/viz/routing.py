@@ -93,16 +93,23 @@ def cached_moe_layers(cache: ActivationCache) -> list[int]:
     return layers
 
 
+def _real_rows(cache: ActivationCache, batch: int, x: torch.Tensor) -> torch.Tensor:
+    """`x[batch]` [pos ...] at the real positions (all of them when the cache has no mask)."""
+    mask = getattr(cache, "attention_mask", None)
+    return x[batch] if mask is None else x[batch][mask[batch].bool().to(x.device)]
+
+
 def routing_weights(cache: ActivationCache, batch: int = 0) -> tuple[Float[torch.Tensor, "pos layer expert"], list[int]]:
     """Each expert's routing weight on each token at each cached MoE layer (0 where not selected).
 
-    Returns (weights [pos, layer, n_experts], the MoE layer ids along `layer`).
+    Returns (weights [pos, layer, n_experts], the MoE layer ids along `layer`); `pos` spans the
+    row's real tokens when the cache holds an attention mask.
     """
     layers = cached_moe_layers(cache)
     per_layer = []
     for layer in layers:
-        indices = cache[get_act_name("topk_indices", layer)][batch]  # [pos k]
-        weights = cache[get_act_name("topk_weights", layer)][batch]  # [pos k]
+        indices = _real_rows(cache, batch, cache[get_act_name("topk_indices", layer)])  # [pos k]
+        weights = _real_rows(cache, batch, cache[get_act_name("topk_weights", layer)])  # [pos k]
         dense = torch.zeros(indices.shape[0], cache.model.cfg.n_experts, dtype=torch.float32)
         per_layer.append(dense.scatter(-1, indices.cpu(), weights.float().cpu()))
     return torch.stack(per_layer, dim=1), layers
@@ -111,7 +118,7 @@ def routing_weights(cache: ActivationCache, batch: int = 0) -> tuple[Float[torch
 def top1_experts(cache: ActivationCache, batch: int = 0) -> tuple[Int[torch.Tensor, "pos layer"], list[int]]:
     """The top-1 (highest-weight) expert of each token at each cached MoE layer, and the layer ids."""
     layers = cached_moe_layers(cache)
-    ids = [cache[get_act_name("topk_indices", layer)][batch, :, 0].cpu() for layer in layers]
+    ids = [_real_rows(cache, batch, cache[get_act_name("topk_indices", layer)])[:, 0].cpu() for layer in layers]
     return torch.stack(ids, dim=1), layers
 
 
