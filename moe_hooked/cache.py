@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformer_lens import ActivationCache
 
-from moe_hooked.hook_names import get_act_name
+from moe_hooked.hook_names import MOE_HOOKS, HookNameError, get_act_name, unknown_hook_error
 
 
 class MoEActivationCache(ActivationCache):
@@ -38,4 +40,27 @@ class MoEActivationCache(ActivationCache):
             if isinstance(layer, int) and layer < 0:
                 layer += self.model.cfg.n_layers
             key = get_act_name(key[0], layer, *key[2:])
+        if isinstance(key, str) and key not in self.cache_dict:
+            raise self._missing(key)
         return super().__getitem__(key)
+
+    def _missing(self, key: str) -> KeyError:
+        if key in self.model.hook_dict:
+            return HookNameError(f"the cache holds no '{key}': run run_with_cache without a names_filter that drops it")
+        return unknown_hook_error(key, self.cache_dict, self.model.cfg.moe_layers, where="this cache")
+
+    def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: str | None = None) -> torch.Tensor:
+        """As TransformerLens: the activation of every layer below `layer` (-1: all), stacked
+        [n_layers ...]. A MoE hook (e.g. "router_logits") exists only at the MoE layers, so those
+        are stacked [n_moe_layers ...], with a warning naming them when dense layers are skipped."""
+        if activation_name not in MOE_HOOKS:
+            return super().stack_activation(activation_name, layer, sublayer_type)
+        top = self.model.cfg.n_layers if layer == -1 else layer
+        layers = [moe_layer for moe_layer in self.model.cfg.moe_layers if moe_layer < top]
+        if len(layers) < top:
+            warnings.warn(
+                f"'{activation_name}' is a MoE hook: stacked the MoE layers {layers} only "
+                f"(the other layers below {top} are dense)",
+                stacklevel=2,
+            )
+        return torch.stack([self[activation_name, moe_layer] for moe_layer in layers])

@@ -16,6 +16,7 @@ from transformer_lens import HookedRootModule
 from moe_hooked.cache import MoEActivationCache
 from moe_hooked.components import Embed, MoEBlock, MoEHookPoint, RMSNormPre, TransformerBlock, Unembed
 from moe_hooked.config import MoEConfig
+from moe_hooked.hook_names import HookPointNames
 
 ModelInput = str | Sequence[str] | Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"]
 ReturnType = Literal["logits", "loss", "both"] | None
@@ -38,6 +39,12 @@ class HookedMoETransformer(HookedRootModule):
         self.ln_final = RMSNormPre(cfg.eps)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
         self.setup()
+
+    def setup(self) -> None:
+        """As TransformerLens; an unknown hook name then raises `HookNameError` with suggestions."""
+        super().setup()
+        self.mod_dict = HookPointNames(self.mod_dict, self.cfg.moe_layers)
+        self.hook_dict = HookPointNames(self.hook_dict, self.cfg.moe_layers)
 
     @classmethod
     def from_pretrained(
@@ -244,6 +251,9 @@ class HookedMoETransformer(HookedRootModule):
     def run_with_cache(self, *model_args, **kwargs) -> tuple[torch.Tensor, MoEActivationCache]:
         """As TransformerLens: returns (output, cache); the cache is an `ActivationCache`
         whose `attention_mask` [batch pos] is the mask of the run (None: every token real)."""
+        names = kwargs.get("names_filter")
+        for name in [names] if isinstance(names, str) else names if isinstance(names, (list, tuple)) else []:
+            self.hook_dict[name]  # an unknown name raises HookNameError
         args = list(model_args) or [kwargs.pop("input")]
         args[0], mask = self._as_tokens(args[0], kwargs.pop("attention_mask", None), kwargs.pop("prepend_bos", None))
         out, cache_dict = super().run_with_cache(*args, attention_mask=mask, **kwargs)
