@@ -18,7 +18,7 @@ from moe_hooked.components import Embed, MoEBlock, MoEHookPoint, RMSNormPre, Tra
 from moe_hooked.config import MoEConfig
 from moe_hooked.hook_names import HookPointNames
 
-ModelInput = str | Sequence[str] | Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"]
+ModelInput = str | Sequence[str] | Sequence[int] | Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"]
 ReturnType = Literal["logits", "loss", "both"] | None
 
 
@@ -110,8 +110,11 @@ class HookedMoETransformer(HookedRootModule):
         """Token ids right-padded to the longest text, and the mask of real tokens."""
         tokenizer = self._require_tokenizer()
         texts = [text] if isinstance(text, str) else list(text)
-        if not texts:
-            raise ValueError("no text given: pass a string or a non-empty list of strings")
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(
+                "expected a string, a non-empty list of strings, or token ids (a list of ints or an integer "
+                f"tensor); got {text!r:.80}"
+            )
         bos = [self.bos_token_id()] if self._prepend_bos(prepend_bos) else []
         ids = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         longest = max(len(x) for x in ids)
@@ -152,7 +155,16 @@ class HookedMoETransformer(HookedRootModule):
         tokens = torch.as_tensor(tokens)
         if tokens.ndim == 2:
             return [self.to_string(row) for row in tokens]
-        return self._require_tokenizer().decode(tokens.tolist())
+        return self._require_tokenizer().decode(self._decodable(tokens))
+
+    def _decodable(self, tokens: torch.Tensor) -> list[int]:
+        """The ids of a 1-D tensor, checked to lie in the tokenizer's vocabulary (else a ValueError)."""
+        size = len(self._require_tokenizer())
+        ids = tokens.tolist()
+        outside = sorted({i for i in ids if not 0 <= i < size})
+        if outside:
+            raise ValueError(f"token ids {outside[:10]} lie outside the tokenizer's vocabulary [0, {size}): they decode to nothing")
+        return ids
 
     def to_str_tokens(self, input: str | Int[torch.Tensor, "..."] | Sequence[int], prepend_bos: bool | None = None) -> list[str]:
         """One decoded string per token, for a string or a 1-D sequence of ids."""
@@ -162,7 +174,7 @@ class HookedMoETransformer(HookedRootModule):
                 raise ValueError("to_str_tokens takes a single sequence; index the batch first")
             tokens = tokens[0]
         tokenizer = self._require_tokenizer()
-        return [tokenizer.decode([t]) for t in tokens.tolist()]
+        return [tokenizer.decode([t]) for t in self._decodable(tokens)]
 
     def to_single_token(self, string: str) -> int:
         tokens = self.to_tokens(string, prepend_bos=False)[0]
@@ -173,8 +185,12 @@ class HookedMoETransformer(HookedRootModule):
     def _as_tokens(
         self, input: ModelInput, attention_mask: torch.Tensor | None, prepend_bos: bool | None
     ) -> tuple[Int[torch.Tensor, "batch pos"], torch.Tensor | None]:
+        if isinstance(input, Sequence) and input and all(isinstance(t, int) and not isinstance(t, bool) for t in input):
+            input = torch.tensor(input)  # a list of ints: one sequence of token ids
         if isinstance(input, str) or (isinstance(input, Sequence) and not isinstance(input, torch.Tensor)):
             return self._tokenize(input, prepend_bos)
+        if input.ndim not in (1, 2) or input.numel() == 0:
+            raise ValueError(f"token ids must be a non-empty tensor [batch pos] or [pos], got shape {tuple(input.shape)}")
         tokens = input if input.ndim == 2 else input[None]
         if tokens.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"token ids must be an integer tensor, got {tokens.dtype}")
@@ -212,7 +228,8 @@ class HookedMoETransformer(HookedRootModule):
     ):
         """Run the model.
 
-        `input`: a string, a list of strings (right-padded, masked) or token ids [batch pos].
+        `input`: a string, a list of strings (right-padded, masked), token ids [batch pos] or
+        [pos], or a list of ints (one sequence of token ids).
         `attention_mask` [batch pos]: 1 for real tokens (only with token-id input).
         `return_type`: "logits" [batch pos d_vocab], "loss" (mean next-token loss over real
         tokens; [batch pos-1] with `loss_per_token`), "both" (logits, loss) or None.
@@ -241,6 +258,11 @@ class HookedMoETransformer(HookedRootModule):
         per_token: bool = False,
     ) -> torch.Tensor:
         """Next-token cross-entropy (natural log), averaged over real targets."""
+        if logits.shape[1] < 2:
+            raise ValueError(
+                f"the loss needs sequences of at least 2 tokens (a token and the next one to predict), "
+                f"got {logits.shape[1]}"
+            )
         log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
         nll = -log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
         target_mask = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)

@@ -10,12 +10,17 @@ class HookShapeError(ValueError):
     """A hook function returned a tensor whose shape differs from the activation it replaced."""
 
 
+class HookDtypeError(TypeError):
+    """A hook function returned a tensor whose dtype differs from the activation it replaced."""
+
+
 class MoEHookPoint(HookPoint):
     """Identity module that hook functions attach to.
 
     Calling it with no hooks attached returns its input without entering
     `nn.Module.__call__`, so unused hook points cost one attribute check. With hooks,
-    a replacement tensor of the wrong shape raises `HookShapeError` naming the hook.
+    a replacement tensor of the wrong shape raises `HookShapeError`, of another dtype
+    `HookDtypeError`, each naming the hook.
     """
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -26,5 +31,10 @@ class MoEHookPoint(HookPoint):
             raise HookShapeError(
                 f"a hook on '{self.name}' returned shape {tuple(out.shape)}, but this hook point "
                 f"carries shape {tuple(x.shape)}: return a tensor of the same shape (or None)"
+            )
+        if out.dtype != x.dtype:
+            raise HookDtypeError(
+                f"a hook on '{self.name}' returned dtype {out.dtype}, but this hook point carries "
+                f"{x.dtype}: return a tensor of the same dtype (e.g. `return result.to(activation.dtype)`)"
             )
         return out
