@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from collections.abc import Collection
 from typing import BinaryIO, NamedTuple
 
 import torch
@@ -116,12 +117,15 @@ def read_into(f: BinaryIO, entry: TensorEntry, dest: torch.Tensor) -> None:
     dest.copy_(buffer.view(entry.dtype).view(entry.shape))
 
 
-def stream_weights(model: torch.nn.Module, files: list[Path], names: dict[str, Target]) -> None:
+def stream_weights(
+    model: torch.nn.Module, files: list[Path], names: dict[str, Target], offloaded: Collection[str] = frozenset()
+) -> None:
     """Read every tensor of `files` straight into `model`'s parameters, one at a time.
 
     Files are read with plain reads (no memory map), so the peak host memory is the
-    model's own parameters plus at most one tensor. Raises one `CheckpointError`
-    listing every missing, unexpected and misshapen tensor.
+    model's own parameters plus at most one tensor. Keys in `offloaded` (routed experts
+    an expert store reads on demand) are checked present but not read. Raises one
+    `CheckpointError` listing every missing, unexpected and misshapen tensor.
     """
     params = dict(model.named_parameters())
     seen, unexpected, misshapen = set(), [], []
@@ -135,6 +139,8 @@ def stream_weights(model: torch.nn.Module, files: list[Path], names: dict[str, T
                         unexpected.append(key)
                     continue
                 seen.add(key)
+                if key in offloaded:
+                    continue
                 dest = params[target.param] if target.expert is None else params[target.param][target.expert]
                 if dest.shape != entry.shape or entry.dtype is None:
                     misshapen.append(f"{key}: {entry.shape}, expected {tuple(dest.shape)}")
