@@ -4,7 +4,13 @@ stays within its budget, reads only the experts the routing uses, and bad input 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +258,58 @@ def test_checkpoint_with_fused_experts_cannot_be_streamed(olmoe_checkpoint, monk
 def test_stats_of_an_in_memory_model_are_refused(olmoe_checkpoint):
     with pytest.raises(ValueError, match="expert_memory"):
         HookedMoETransformer.from_pretrained(olmoe_checkpoint).expert_memory_stats()
+
+
+# ----------------------------------------------------------------------------- peak RSS, in a subprocess
+RSS_CHILD = """
+import resource, sys, torch
+from moe_hooked import HookedMoETransformer
+budget = None if sys.argv[2] == "none" else sys.argv[2]
+model = HookedMoETransformer.from_pretrained(sys.argv[1], expert_memory=budget)
+with torch.inference_mode():
+    model(torch.arange(3, 67)[None])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def write_big_olmoe(folder, n_layers: int = 4, n_experts: int = 40, d: int = 1024) -> int:
+    """An OLMoE checkpoint in bfloat16 with `n_layers * n_experts` experts of 3 d x d matrices
+    (6 MiB each at d = 1024): every expert tensor repeats one random block, so writing it
+    needs 2 MiB of memory. Returns the bytes of expert weights."""
+    from transformers import OlmoeConfig
+
+    OlmoeConfig(vocab_size=128, hidden_size=d, intermediate_size=d, num_hidden_layers=n_layers, num_attention_heads=8,
+                num_experts=n_experts, num_experts_per_tok=2, dtype="bfloat16").save_pretrained(folder)
+    block = (0.02 * torch.randn(d, d, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
+    weight_map = llama_like.weight_names(olmoe.config_from_hf(OlmoeConfig.from_pretrained(folder).to_dict()))
+    shapes = {key: (128, d) if "embed" in key or "lm_head" in key else (n_experts, d) if key.endswith("gate.weight")
+              else (d,) if "norm" in key else (d, d) for key in weight_map}
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        nbytes = 2 * torch.Size(shape).numel()
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header).encode()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for shape in shapes.values():  # no tensor is larger than d x d
+            f.write(block.flatten()[: torch.Size(shape).numel()].view(torch.int16).numpy().tobytes())
+    return n_layers * n_experts * 3 * d * d * 2
+
+
+def peak_rss(folder, budget: str) -> int:
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(folder), budget], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+def test_peak_rss_drops_by_the_offloaded_bytes(tmp_path):
+    """~1 GB of experts under a 128 MiB budget: the process's peak RSS drops by at least
+    80% of (expert bytes - budget) against loading everything into memory."""
+    expert_bytes_total = write_big_olmoe(tmp_path)
+    try:
+        in_memory, offloaded = peak_rss(tmp_path, "none"), peak_rss(tmp_path, "128MiB")
+    finally:
+        shutil.rmtree(tmp_path)
+    assert in_memory - offloaded >= 0.8 * (expert_bytes_total - 128 * 2**20), (in_memory, offloaded)
