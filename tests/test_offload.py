@@ -19,6 +19,7 @@ from hf_models import build_hf, olmoe_config, qwen2_moe_config, save_hf
 from tiny import tiny_tokenizer
 
 from moe_hooked import CheckpointError, HookedMoETransformer
+from moe_hooked.cli import main
 from moe_hooked.components.expert_store import parse_memory_budget
 from moe_hooked.interventions import ablate_experts, keep_top_k, route_to
 from moe_hooked.lens import expert_lens
@@ -313,3 +314,20 @@ def test_peak_rss_drops_by_the_offloaded_bytes(tmp_path):
     finally:
         shutil.rmtree(tmp_path)
     assert in_memory - offloaded >= 0.8 * (expert_bytes_total - 128 * 2**20), (in_memory, offloaded)
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_report_cli_passes_the_budget_through(olmoe_checkpoint, tmp_path, capsys):
+    """`moe-hooked report --expert-memory`: the same routing counts as in memory, the budget recorded."""
+    corpus = tmp_path / "english.txt"
+    corpus.write_text("The cat sat on the mat and looked at the moon.\nRouters send each token to a few experts.\n")
+    outs = {}
+    for budget in (None, "20KiB"):
+        outs[budget] = tmp_path / f"report-{budget}"
+        argv = ["report", "--model", str(olmoe_checkpoint), "--corpus", f"english={corpus}", "--max-tokens", "24",
+                "--out", str(outs[budget])] + (["--expert-memory", budget] if budget else [])
+        assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((outs["20KiB"] / "report.json").read_text())["options"]["expert_memory"] == "20KiB"
+    assert (outs["20KiB"] / "counts.json").read_text() == (outs[None] / "counts.json").read_text()
+    assert main(["report", "--model", str(olmoe_checkpoint), "--expert-memory", "lots", "--out", str(tmp_path / "x")]) == 2
+    assert "cannot read expert_memory='lots'" in capsys.readouterr().err
