@@ -77,11 +77,24 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+POOL_VALUES = 2**26
+_POOL: list[torch.Tensor] = []
+
+
 def random_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """Norm gains are ones; matrices are N(0, 0.02^2), as HF initialises OLMoE; bfloat16."""
+    """Norm gains are ones; matrices are N(0, 0.02^2), as HF initialises OLMoE; bfloat16.
+
+    Matrices up to 2^26 values are slices at random offsets of one pool of such values, so
+    that writing tens of GB takes minutes rather than the time of drawing every value."""
     if len(shape) == 1:
         return torch.ones(shape, dtype=torch.bfloat16)
-    return (0.02 * torch.randn(shape, generator=GEN)).to(torch.bfloat16)
+    n = torch.Size(shape).numel()
+    if n > POOL_VALUES:
+        return (0.02 * torch.randn(shape, generator=GEN)).to(torch.bfloat16)
+    if not _POOL:
+        _POOL.append((0.02 * torch.randn(POOL_VALUES, generator=GEN)).to(torch.bfloat16))
+    start = int(torch.randint(0, POOL_VALUES - n + 1, (1,), generator=GEN))
+    return _POOL[0][start : start + n].view(shape)
 
 
 def plan_shards(shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
@@ -112,9 +125,11 @@ def write_shard(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]]
             f.write(random_tensor(shapes[name]).view(torch.int16).numpy())
 
 
-def write_checkpoint(folder: Path, cfg: dict) -> int:
-    """Write config.json, the shards and their index; return the bytes of tensor data."""
-    shapes = tensor_shapes(cfg)
+def write_checkpoint(folder: Path, cfg: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> int:
+    """Write config.json, the shards and their index; return the bytes of tensor data.
+
+    `shapes`: every tensor's shape in file order (default: OLMoE's, `tensor_shapes(cfg)`)."""
+    shapes = shapes or tensor_shapes(cfg)
     shards = plan_shards(shapes)
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     total = sum(2 * torch.Size(s).numel() for s in shapes.values())

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"sequences per forward pass (default: {DEFAULT_BATCH_SIZE})")
     report.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     report.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    report.add_argument("--expert-memory", metavar="SIZE",
+                        help="stream routed experts from disk, at most SIZE of them in memory, e.g. 2GiB "
+                        "(default: everything in memory)")
     report.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     report.add_argument("--overwrite", action="store_true", help="replace the output folder if it holds a report")
     report.set_defaults(run=_report)
@@ -79,7 +82,8 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser, command: 
         corpora = dict(args.corpus)
     try:
         inputs = prepare_report(args.model, corpora, args.out, args.max_tokens, args.batch_size,
-                                args.dtype, args.device, args.overwrite, command=command)
+                                args.dtype, args.device, args.overwrite, command=command,
+                                expert_memory=args.expert_memory)
     except ReportError as err:
         print(f"moe-hooked report: error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from transformer_lens import HookedRootModule
 
 from moe_hooked.cache import MoEActivationCache
 from moe_hooked.components import Embed, MoEBlock, MoEHookPoint, RMSNormPre, TransformerBlock, Unembed
+from moe_hooked.components.expert_store import ExpertStore, offload_experts, parse_memory_budget
 from moe_hooked.config import MoEConfig
 from moe_hooked.hook_names import HookPointNames
 
@@ -38,6 +39,8 @@ class HookedMoETransformer(HookedRootModule):
         self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = RMSNormPre(cfg.eps)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+        self.expert_store: ExpertStore | None = None
+        """Where the routed experts live when loaded with `expert_memory` (else None)."""
         self.setup()
 
     def setup(self) -> None:
@@ -55,19 +58,37 @@ class HookedMoETransformer(HookedRootModule):
         revision: str | None = None,
         router_dtype: Literal["float32", "model"] | None = None,
         check_finite: bool = False,
+        expert_memory: int | str | None = None,
     ) -> HookedMoETransformer:
         """Load a checkpoint in Hugging Face format (config.json + safetensors).
 
         `dtype=None` keeps the checkpoint's own dtype; `router_dtype` overrides where
         the router softmax runs ("float32" or "model"; default: as the architecture does);
         `check_finite=True` refuses a checkpoint with NaN/Inf weights, listing all of them.
+        `expert_memory` (bytes, or a size such as "2GiB", "512MiB", "1.5GB"): keep the routed
+        experts in the checkpoint files and at most this many bytes of them on `device`,
+        read on demand (see `expert_memory_stats`); None loads everything into memory.
         """
         from moe_hooked.loading import load_pretrained
 
+        budget = parse_memory_budget(expert_memory)
         return load_pretrained(
             cls, name_or_path, dtype=dtype, device=device, revision=revision, router_dtype=router_dtype,
-            check_finite=check_finite,
+            check_finite=check_finite, expert_memory_bytes=budget,
         )
+
+    def offload_experts(self, files: Sequence, weight_map: dict, budget_bytes: int) -> set[str]:
+        """Used by `from_pretrained(expert_memory=...)` on the meta-device model: routed experts
+        are read from `files` on demand; returns the hub keys of `weight_map` left to the store."""
+        self.expert_store, keys = offload_experts(self, files, weight_map, budget_bytes)
+        return keys
+
+    def expert_memory_stats(self) -> dict[str, int | float]:
+        """Counters of the expert store (see `ExpertStore.stats`): `budget_bytes`,
+        `peak_resident_bytes`, `bytes_read`, `hits`, `misses`, `prefetched`, `prefetch_hits`, ..."""
+        if self.expert_store is None:
+            raise ValueError("this model holds its experts in memory: load it with expert_memory=... to stream them")
+        return self.expert_store.stats()
 
     # ------------------------------------------------------------------ weights
     @property

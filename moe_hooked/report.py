@@ -113,7 +113,9 @@ def _check_corpora(corpora: Mapping[str, str | Path | Sequence[str]] | None) -> 
         raise ReportError(f"bad corpus: {err}") from err
 
 
-def _check_model(model_name: str, dtype: str | torch.dtype | None, device: str | None) -> HookedMoETransformer:
+def _check_model(
+    model_name: str, dtype: str | torch.dtype | None, device: str | None, expert_memory: int | str | None = None
+) -> HookedMoETransformer:
     try:
         kind = torch.device(device or "cpu").type
     except RuntimeError as err:
@@ -121,7 +123,7 @@ def _check_model(model_name: str, dtype: str | torch.dtype | None, device: str |
     if kind == "cuda" and not torch.cuda.is_available():
         raise ReportError(f"device '{device}' was asked for but CUDA is not available here: use --device cpu")
     try:
-        model = HookedMoETransformer.from_pretrained(model_name, dtype=dtype, device=device)
+        model = HookedMoETransformer.from_pretrained(model_name, dtype=dtype, device=device, expert_memory=expert_memory)
     except (CheckpointError, UnsupportedArchitectureError, ValueError, OSError) as err:
         raise ReportError(f"cannot load model '{model_name}': {err}") from err
     if model.tokenizer is None:
@@ -160,16 +162,20 @@ def prepare_report(
     overwrite: bool = False,
     progress: bool = True,
     command: str | None = None,
+    expert_memory: int | str | None = None,
 ) -> ReportInputs:
-    """Check the inputs (cheap ones first), load the corpora and the model; raise ReportError on bad input."""
+    """Check the inputs (cheap ones first), load the corpora and the model; raise ReportError on bad input.
+
+    `expert_memory`: stream the routed experts from disk under this budget (see `from_pretrained`)."""
     _check_positive(max_tokens=max_tokens, batch_size=batch_size)
     _check_budget(max_tokens)
     out_dir = check_out(out, overwrite)
     texts = _check_corpora(corpora)
-    model = _check_model(model_name, dtype, device)
+    model = _check_model(model_name, dtype, device, expert_memory)
     sources = {d: str(s) if isinstance(s, (str, Path)) else f"{len(s)} texts" for d, s in (corpora or {}).items()}
     options = dict(model=model_name, corpora=sources or "built-in", out=str(out_dir), max_tokens=max_tokens,
-                   batch_size=batch_size, dtype=str(model.cfg.dtype).removeprefix("torch."), device=str(model.cfg.device))
+                   batch_size=batch_size, dtype=str(model.cfg.dtype).removeprefix("torch."), device=str(model.cfg.device),
+                   expert_memory=expert_memory)
     command = command or "build_report(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
     return ReportInputs(model, model_name, texts, out_dir, max_tokens, batch_size, command, progress, options, overwrite)
 

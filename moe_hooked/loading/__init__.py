@@ -81,10 +81,16 @@ def load_tokenizer(folder: Path):
         hf_logging.set_verbosity(verbosity)
 
 
-def load_pretrained(model_cls, name_or_path, dtype=None, device=None, revision=None, router_dtype=None, check_finite=False):
+def load_pretrained(
+    model_cls, name_or_path, dtype=None, device=None, revision=None, router_dtype=None, check_finite=False,
+    expert_memory_bytes=None,
+):
     """Build `model_cls` on the meta device and stream the checkpoint's tensors into it.
 
-    With `check_finite`, every loaded tensor is checked for NaN/Inf (one error lists all)."""
+    With `check_finite`, every loaded tensor is checked for NaN/Inf (one error lists all).
+    With `expert_memory_bytes`, the routed experts stay in the checkpoint files behind an
+    expert store (`model.offload_experts`) and only the other weights are read now.
+    """
     folder = checkpoint_dir(name_or_path, revision)
     raw = read_config(folder)
     arch = family(raw)
@@ -95,8 +101,10 @@ def load_pretrained(model_cls, name_or_path, dtype=None, device=None, revision=N
     cfg = dataclasses.replace(arch.config_from_hf(raw), **overrides)
     with torch.device("meta"):
         model = model_cls(cfg, tokenizer=None)
+    names = arch.weight_names(cfg)
+    offloaded = model.offload_experts(files, names, expert_memory_bytes) if expert_memory_bytes else set()
     model = model.to(cfg.dtype).to_empty(device=cfg.device)
-    stream_weights(model, files, arch.weight_names(cfg), check_finite=check_finite)
+    stream_weights(model, files, names, offloaded, check_finite=check_finite)
     if cfg.tie_word_embeddings:
         with torch.no_grad():
             model.unembed.weight.copy_(model.embed.W_E)

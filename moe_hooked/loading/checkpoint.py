@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Collection
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -229,13 +230,20 @@ def _read_exactly(f: BinaryIO, entry: TensorEntry, dest: torch.Tensor) -> None:
         )
 
 
-def stream_weights(model: torch.nn.Module, files: list[Path], names: dict[str, Target], check_finite: bool = False) -> None:
+def stream_weights(
+    model: torch.nn.Module,
+    files: list[Path],
+    names: dict[str, Target],
+    offloaded: Collection[str] = frozenset(),
+    check_finite: bool = False,
+) -> None:
     """Read every tensor of `files` straight into `model`'s parameters, one at a time.
 
     Files are read with plain reads (no memory map), so the peak host memory is the
-    model's own parameters plus at most one tensor. Raises one `CheckpointError`
-    listing every missing, unexpected and misshapen tensor; with `check_finite`, one
-    listing every tensor that holds NaN or Inf.
+    model's own parameters plus at most one tensor. Keys in `offloaded` (routed experts
+    an expert store reads on demand) are checked present but not read. Raises one
+    `CheckpointError` listing every missing, unexpected and misshapen tensor; with
+    `check_finite`, one listing every tensor that holds NaN or Inf.
     """
     params = dict(model.named_parameters())
     seen, unexpected, misshapen, nonfinite = set(), [], [], []
@@ -249,6 +257,8 @@ def stream_weights(model: torch.nn.Module, files: list[Path], names: dict[str, T
                         unexpected.append(f"{key} (in {path.name})")
                     continue
                 seen.add(key)
+                if key in offloaded:
+                    continue
                 dest = params[target.param] if target.expert is None else params[target.param][target.expert]
                 if dest.shape != entry.shape:
                     misshapen.append(f"{key}: {entry.shape}, expected {tuple(dest.shape)}")
