@@ -167,7 +167,10 @@ def all_reduce_sums(tensors: Sequence[torch.Tensor], what: str = "analysis") -> 
     totals = [t.detach().to(torch.float64 if t.is_floating_point() else torch.int64).clone() for t in tensors]
     if rank_and_world()[1] == 1:
         return totals
-    _exchange(what)
+    layouts = _exchange(what, [(tuple(t.shape), t.dtype) for t in totals])
+    if any(layout != layouts[0] for layout in layouts):
+        raise _known_to_all(RankFailedError(f"{what}: the ranks hold sums of different shapes ({layouts}): they "
+                                            "did not run the same analysis"))
     device = _collective_device()
     for dtype in (torch.float64, torch.int64):
         group = [t for t in totals if t.dtype == dtype]
@@ -197,7 +200,7 @@ def shared_failures(what: str) -> Iterator[None]:
         yield
     except Exception as err:
         if rank_and_world()[1] > 1 and not getattr(err, "_moe_hooked_shared", False):
-            err._moe_hooked_shared = True
+            _known_to_all(err)
             try:
                 _exchange(what, failure=f"{what}: {type(err).__name__}: {err}")
             except RankFailedError:
@@ -227,12 +230,10 @@ def check_same_inputs(model, what: str, **inputs: Any) -> None:
         seen = [ranks[name] for ranks in everyone]
         if len(set(seen)) > 1:
             per_rank = ", ".join(f"rank {r}: {value[:10]}" for r, value in enumerate(seen))
-            err = RankFailedError(
+            raise _known_to_all(RankFailedError(  # every rank sees the same difference: nothing to announce
                 f"{what}: the ranks were given different {name} ({per_rank}); every rank must run the same "
                 "analysis with the same model and options on the same corpora: give every rank the same files"
-            )
-            err._moe_hooked_shared = True  # every rank sees the same difference: nothing to announce
-            raise err
+            ))
 
 
 def _digest(value: Any) -> str:
@@ -261,12 +262,17 @@ def _collective_device() -> torch.device:
 
 def _lost_contact(what: str, err: Exception) -> RankFailedError:
     rank = rank_and_world()[0]
-    lost = RankFailedError(
+    return _known_to_all(RankFailedError(
         f"{what}: rank {rank} lost contact with the other ranks ({type(err).__name__}: {err}); "
         "another rank probably died or hangs: look at its output for the cause"
-    )
-    lost._moe_hooked_shared = True
-    return lost
+    ))
+
+
+def _known_to_all(err: Exception) -> Exception:
+    """Mark `err` as already known to the other ranks, so that :func:`shared_failures` does not
+    announce it again (the ranks that detect it together, or hear of it, or lost contact)."""
+    err._moe_hooked_shared = True
+    return err
 
 
 def _exchange(what: str, payload: Any = None, failure: str | None = None) -> list[Any]:
@@ -281,7 +287,6 @@ def _exchange(what: str, payload: Any = None, failure: str | None = None) -> lis
         raise _lost_contact(what, err) from err
     failed = [f"rank {r}: {f}" for r, (f, _) in enumerate(entries) if f is not None and r != rank]
     if failed and failure is None:
-        err = RankFailedError(f"{what} stopped on rank {rank} because another rank failed: " + "; ".join(failed))
-        err._moe_hooked_shared = True
-        raise err
+        raise _known_to_all(RankFailedError(f"{what} stopped on rank {rank} because another rank failed: "
+                                            + "; ".join(failed)))
     return [p for _, p in entries]

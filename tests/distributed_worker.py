@@ -7,6 +7,7 @@ process), then the failure scenarios, then the CLI report; it writes `OUT_DIR/ra
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 import time
@@ -17,7 +18,7 @@ import torch
 from moe_hooked import HookedMoETransformer
 from moe_hooked.analysis import perplexity_vs_top_k, pruning_curve, routing_stats, top_tokens_per_expert
 from moe_hooked.cli import main as cli_main
-from moe_hooked.corpus import RankFailedError, rank_and_world
+from moe_hooked.corpus import all_reduce_sums, rank_and_world
 from moe_hooked.data import builtin_corpora
 from moe_hooked.interventions import expert_output_means
 from moe_hooked.launch import process_group_from_env
@@ -31,6 +32,8 @@ SETTINGS = {
     # one domain, one batch: rank 1 gets no batch at all
     "single": dict(max_length=16, batch_size=4, max_tokens=40, domains=["english"]),
 }
+TIMEOUT_S = 120
+"""The process group's timeout: the lost-rank scenario must fail well before it."""
 REPORT_ARGS = ["--max-tokens", "24", "--batch-size", "4", "--corpus"]
 
 
@@ -87,6 +90,8 @@ def failure_scenarios(model: HookedMoETransformer) -> dict:
         out["different_model"] = _failure(lambda: topk_cosine(model, corpora, progress=False, **budget))
         model.W_E[0, 0] = original
 
+    out["different_shapes"] = _failure(lambda: all_reduce_sums([torch.zeros(rank + 1)], "a sum"))
+
     calls = []
 
     def boom(x, hook):
@@ -107,12 +112,26 @@ def run_report(out_dir: Path) -> int:
     return cli_main(["report", *REPORT_ARGS, f"english={out_dir / 'english.txt'}", "--out", str(out_dir / "report")])
 
 
+def lose_rank_1(model: HookedMoETransformer, record: dict, path: Path) -> None:
+    """Rank 1 vanishes without a word (as if killed); rank 0 must fail, not hang."""
+    if rank_and_world()[0] == 1:
+        path.write_bytes(pickle.dumps(record))
+        os._exit(0)  # exit status 0: torchrun leaves rank 0 running, as after a lost node
+    setting = SETTINGS["even"]
+    record["failures"]["lost_rank"] = _failure(
+        lambda: routing_stats(model, corpora_for(setting), progress=False, **budget_of(setting))
+    )
+
+
 def main(out_dir: Path) -> None:
-    with process_group_from_env("cpu", timeout_s=120) as launch:
+    with process_group_from_env("cpu", timeout_s=TIMEOUT_S) as launch:
+        path = out_dir / f"rank{launch.rank}.pkl"
         model = HookedMoETransformer.from_pretrained("moe-hooked/demo")
         record = dict(launch=launch, results=compute_all(model), failures=failure_scenarios(model))
         record["report_status"] = run_report(out_dir)
-    (out_dir / f"rank{launch.rank}.pkl").write_bytes(pickle.dumps(record))
+        record["second_report_status"] = run_report(out_dir)  # refused on rank 0: the folder exists
+        lose_rank_1(model, record, path)
+    path.write_bytes(pickle.dumps(record))
 
 
 if __name__ == "__main__":

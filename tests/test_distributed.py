@@ -48,6 +48,7 @@ def two_ranks(tmp_path_factory):
                str(REPO / "tests" / "distributed_worker.py"), str(out)]
     done = subprocess.run(command, env=env, cwd=out, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    (out / "stderr.txt").write_text(done.stderr)
     return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(2)], out
 
 
@@ -149,6 +150,13 @@ def test_ranks_given_different_models_fail_before_the_work(two_ranks):
         assert "topk_cosine: the ranks were given different model weights" in failure["message"]
 
 
+def test_sums_of_different_shapes_are_refused_on_every_rank(two_ranks):
+    for record in two_ranks[0]:
+        failure = record["failures"]["different_shapes"]
+        assert failure["type"] == "RankFailedError"
+        assert failure["message"].startswith("a sum: the ranks hold sums of different shapes")
+
+
 def test_a_rank_that_raises_mid_run_stops_every_rank_with_its_error(two_ranks, one_process, model):
     failing, other = two_ranks[0][1]["failures"], two_ranks[0][0]["failures"]
     assert failing["raises_mid_run"]["type"] == "RuntimeError"
@@ -164,10 +172,17 @@ def test_a_rank_that_raises_mid_run_stops_every_rank_with_its_error(two_ranks, o
         np.testing.assert_array_equal(record["failures"]["after_failures"], expected)
 
 
+def test_a_rank_lost_without_a_word_makes_the_others_fail_not_hang(two_ranks):
+    lost = two_ranks[0][0]["failures"]["lost_rank"]
+    assert lost["type"] == "RankFailedError"
+    assert lost["message"].startswith("routing_stats: rank 0 lost contact with the other ranks")
+    assert lost["seconds"] < worker.TIMEOUT_S  # gloo saw the closed connection: no wait for the timeout
+
+
 def test_cli_report_on_two_ranks_is_written_once_by_rank_0(two_ranks, model):
     records, out = two_ranks
     assert [record["report_status"] for record in records] == [0, 0]
-    assert sorted(p.name for p in out.iterdir()) == ["english.txt", "rank0.pkl", "rank1.pkl", "report"]
+    assert sorted(p.name for p in out.iterdir()) == ["english.txt", "rank0.pkl", "rank1.pkl", "report", "stderr.txt"]
     meta = json.loads((out / "report" / "report.json").read_text())
     assert (meta["options"]["world_size"], meta["options"]["backend"]) == (2, "gloo")
     assert "<td>2 (gloo)</td>" in (out / "report" / "index.html").read_text()
@@ -175,6 +190,15 @@ def test_cli_report_on_two_ranks_is_written_once_by_rank_0(two_ranks, model):
     expected = routing_stats(model, builtin_corpora(["english"]), max_tokens=24, batch_size=4, progress=False)
     assert counts["counts"] == expected.counts.tolist()
     np.testing.assert_allclose(counts["entropy_sum"], expected.entropy_sum, rtol=1e-6)
+
+
+def test_cli_report_refused_on_rank_0_fails_on_every_rank(two_ranks):
+    # rank 0 refuses the existing output folder (exit 2); rank 1 hears of it before its work (exit 1)
+    assert [record["second_report_status"] for record in two_ranks[0]] == [2, 1]
+    stderr = (two_ranks[1] / "stderr.txt").read_text()
+    assert "moe-hooked report: error: output folder" in stderr
+    assert ("moe-hooked report: error: routing_stats stopped on rank 1 because another rank failed: "
+            "rank 0: report: ReportError: output folder") in stderr
 
 
 def test_python_dash_m_runs_the_cli():
