@@ -1,7 +1,8 @@
-"""The `moe-hooked` console script. Subcommands:
+"""The `moe-hooked` console script (also `python -m moe_hooked`). Subcommands:
 
 - `report`: run every analysis on a model and corpora, write an HTML report folder
-  (see :mod:`moe_hooked.report`).
+  (see :mod:`moe_hooked.report`). Under `torchrun` every process joins one process group
+  (:mod:`moe_hooked.launch`), the analyses share out the batches, and rank 0 writes the report.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from moe_hooked.corpus import RankFailedError, barrier, shared_failures
+from moe_hooked.launch import DEFAULT_TIMEOUT_S, LaunchError, process_group_from_env
 from moe_hooked.report import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_TOKENS,
@@ -62,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
                         help=f"sequences per forward pass (default: {DEFAULT_BATCH_SIZE})")
     report.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    report.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    report.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu; under torchrun: cuda:LOCAL_RANK "
+                        "if CUDA is available, else cpu)")
+    report.add_argument("--timeout", type=_positive_int, default=int(DEFAULT_TIMEOUT_S), metavar="SECONDS",
+                        help="under torchrun: how long a process waits for the others before failing "
+                        f"(default: {int(DEFAULT_TIMEOUT_S)})")
     report.add_argument("--expert-memory", metavar="SIZE",
                         help="stream routed experts from disk, at most SIZE of them in memory, e.g. 2GiB "
                         "(default: everything in memory)")
@@ -80,19 +87,21 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser, command: 
         if duplicates:
             parser.error(f"--corpus names must be distinct; repeated: {', '.join(duplicates)}")
         corpora = dict(args.corpus)
+    stage = "prepare"
     try:
-        inputs = prepare_report(args.model, corpora, args.out, args.max_tokens, args.batch_size,
-                                args.dtype, args.device, args.overwrite, command=command,
-                                expert_memory=args.expert_memory)
-    except ReportError as err:
+        with process_group_from_env(args.device, args.timeout) as launch, shared_failures("report"):
+            inputs = prepare_report(args.model, corpora, args.out, args.max_tokens, args.batch_size,
+                                    args.dtype, launch.device, args.overwrite, command=command,
+                                    expert_memory=args.expert_memory)
+            stage = "write"
+            out = write_report(inputs)
+            barrier("report")  # every rank fails if rank 0 failed to write
+    except (ReportError, LaunchError, RankFailedError) as err:
         print(f"moe-hooked report: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        out = write_report(inputs)
-    except ReportError as err:  # the output folder changed while the report ran
-        print(f"moe-hooked report: error: {err}", file=sys.stderr)
-        return 1
-    print(f"report written to {out / 'index.html'}")
+        # 2: refused before any work; 1: failed while running (another rank, or the folder changed meanwhile)
+        return 2 if stage == "prepare" and not isinstance(err, RankFailedError) else 1
+    if launch.rank == 0:
+        print(f"report written to {out / 'index.html'}")
     return 0
 
 

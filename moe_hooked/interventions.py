@@ -45,7 +45,7 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens.hook_points import HookPoint
 
 from moe_hooked.config import MoEConfig
-from moe_hooked.corpus import corpus_batches
+from moe_hooked.corpus import all_reduce_sums, check_same_inputs, corpus_batches, deal, rank_and_world, shared_failures
 from moe_hooked.hook_names import get_act_name
 
 HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]
@@ -271,6 +271,7 @@ def _means_from_cache(cfg: MoEConfig, cache, layer: int) -> Float[torch.Tensor, 
     return _means(*_cached_sums(cfg, cache, layer, getattr(cache, "attention_mask", None)))
 
 
+@shared_failures("expert_output_means")
 def expert_output_means(
     model,
     tokens_or_texts: Int[torch.Tensor, "batch pos"] | Sequence[str],
@@ -289,8 +290,9 @@ def expert_output_means(
     """
     cfg = _cfg(model)
     layers = cfg.resolve_moe_layers(layers)
-    sums = {layer: 0 for layer in layers}
-    counts = {layer: 0 for layer in layers}
+    device = model.W_E.device
+    sums = {layer: torch.zeros(cfg.n_experts, cfg.d_model, dtype=torch.float64, device=device) for layer in layers}
+    counts = {layer: torch.zeros(cfg.n_experts, dtype=torch.long, device=device) for layer in layers}
     names = [get_act_name(name, layer) for layer in layers for name in ("topk_indices", "topk_weights", "expert_out")]
     with torch.inference_mode():
         for tokens, mask in _reference_batches(model, tokens_or_texts, batch_size, max_length, progress):
@@ -299,16 +301,19 @@ def expert_output_means(
             )
             for layer in layers:
                 layer_sums, layer_counts = _cached_sums(cfg, cache, layer, mask)
-                sums[layer] = sums[layer] + layer_sums
-                counts[layer] = counts[layer] + layer_counts
-    return {layer: _means(sums[layer], counts[layer]) for layer in layers}
+                sums[layer] += layer_sums
+                counts[layer] += layer_counts
+    totals = all_reduce_sums([*sums.values(), *counts.values()], "expert_output_means")
+    return {layer: _means(totals[i], totals[len(layers) + i]) for i, layer in enumerate(layers)}
 
 
 def _reference_batches(model, tokens_or_texts, batch_size: int, max_length: int | None, progress: bool):
     """Yield (tokens [batch pos], attention mask [batch pos]) batches on the model's device."""
     if isinstance(tokens_or_texts, torch.Tensor):
         tokens = torch.atleast_2d(tokens_or_texts).to(model.W_E.device)
-        for batch in tokens.split(batch_size):
+        if rank_and_world()[1] > 1:
+            check_same_inputs(model, "expert_output_means", tokens=tokens.cpu().numpy(), batch_size=batch_size)
+        for batch in deal(tokens.split(batch_size)):
             yield batch, torch.ones_like(batch)
         return
     corpus = {"reference": list(tokens_or_texts)}

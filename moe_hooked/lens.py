@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 
-from moe_hooked.corpus import corpus_batches
+from moe_hooked.corpus import all_reduce_sums, corpus_batches, shared_failures
 from moe_hooked.hook_names import get_act_name
 
 __all__ = [
@@ -307,6 +307,7 @@ def topk_cosine_from_cache(
     return _cosine_frame(model, _cosine_sums(model, cache, mask, k, include_shared))
 
 
+@shared_failures("topk_cosine")
 @torch.inference_mode()
 def topk_cosine(
     model,
@@ -340,6 +341,7 @@ def topk_cosine(
             stop_at_layer=max(model.cfg.moe_layers) + 1,
         )
         sums[d] += _cosine_sums(model, cache, batch.attention_mask.bool(), k, include_shared)
+    (sums,) = all_reduce_sums([sums], "topk_cosine")
     frames = [_cosine_frame(model, sums[d]) for d in range(len(corpora))]
     table = pd.concat(frames, keys=list(corpora), names=["domain", None]).reset_index(level=0)
     return table.reset_index(drop=True)

@@ -32,7 +32,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -53,6 +53,7 @@ from moe_hooked.analysis import (
     routing_stats,
     specialization,
 )
+from moe_hooked.corpus import is_main_process, rank_and_world
 from moe_hooked.data import builtin_corpora, load_corpora
 from moe_hooked.lens import expert_lens, topk_cosine
 from moe_hooked.loading import CheckpointError, UnsupportedArchitectureError
@@ -169,15 +170,22 @@ def prepare_report(
     `expert_memory`: stream the routed experts from disk under this budget (see `from_pretrained`)."""
     _check_positive(max_tokens=max_tokens, batch_size=batch_size)
     _check_budget(max_tokens)
-    out_dir = check_out(out, overwrite)
+    out_dir = check_out(out, overwrite) if is_main_process() else Path(out).expanduser().resolve()
     texts = _check_corpora(corpora)
     model = _check_model(model_name, dtype, device, expert_memory)
     sources = {d: str(s) if isinstance(s, (str, Path)) else f"{len(s)} texts" for d, s in (corpora or {}).items()}
     options = dict(model=model_name, corpora=sources or "built-in", out=str(out_dir), max_tokens=max_tokens,
                    batch_size=batch_size, dtype=str(model.cfg.dtype).removeprefix("torch."), device=str(model.cfg.device),
-                   expert_memory=expert_memory)
+                   expert_memory=expert_memory, **_distribution())
     command = command or "build_report(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
     return ReportInputs(model, model_name, texts, out_dir, max_tokens, batch_size, command, progress, options, overwrite)
+
+
+def _distribution() -> dict[str, object]:
+    """The process group the report runs in: `world_size` and `backend` ("none" without one)."""
+    world_size = rank_and_world()[1]
+    backend = str(torch.distributed.get_backend()) if torch.distributed.is_initialized() else "none"
+    return dict(world_size=world_size, backend=backend)
 
 
 # --------------------------------------------------------------------------- phase 2: analyses
@@ -347,6 +355,7 @@ def _index_html(inputs: ReportInputs, results: _Results, files: list[str], versi
         f"{sum(p.numel() for p in model.parameters()):,} parameters.</p>",
         "<h2>Run</h2>", f"<pre>{esc(inputs.command)}</pre>",
         _key_values({"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "processes": f"{inputs.options.get('world_size', 1)} ({inputs.options.get('backend', 'none')})",
                      **{f"time: {k}": f"{v:.1f} s" for k, v in results.timings.items()}}),
         "<h2>Corpora</h2>", _table(corpus_rows),
         "<h2>Figures</h2>",
@@ -376,8 +385,14 @@ def _index_html(inputs: ReportInputs, results: _Results, files: list[str], versi
 
 # --------------------------------------------------------------------------- driver
 def write_report(inputs: ReportInputs) -> Path:
-    """Run the analyses and write the report folder (see the module docstring); returns its path."""
+    """Run the analyses and write the report folder (see the module docstring); returns its path.
+
+    In a process group every rank must call it: the corpus analyses are shared out, and only
+    rank 0 writes the folder (the other ranks return `out` once their share is done)."""
     results = _Results()
+    if not is_main_process():
+        _run_corpus_analyses(inputs, results, lambda name: nullcontext())
+        return inputs.out
     slugs = _slugs(list(inputs.corpora))
     folder = build_folder(inputs.out)
     bar = tqdm(total=6, desc="report", unit="step", disable=not inputs.progress)

@@ -21,7 +21,7 @@ import torch
 
 from moe_hooked.analysis.counts import RoutingCounts
 from moe_hooked.analysis.routing import routing_stats
-from moe_hooked.corpus import corpus_batches
+from moe_hooked.corpus import all_reduce_sums, corpus_batches, shared_failures
 from moe_hooked.interventions import FwdHooks, ablate_experts, keep_top_k
 
 __all__ = ["perplexity_vs_top_k", "pruning_curve"]
@@ -57,6 +57,7 @@ def _nll_sums(
                 )  # [batch pos-1], zero at padded targets
                 sums[d, v] += nll.double().sum().item()
             n_tokens[d] += int(batch.attention_mask[:, 1:].sum())
+    sums, n_tokens = (x.numpy() for x in all_reduce_sums([torch.from_numpy(sums), torch.from_numpy(n_tokens)], what))
     empty = [domain for domain, n in zip(corpora, n_tokens) if n == 0]
     if empty:
         raise ValueError(f"domains {empty} have no token to predict: every chunk is a single token")
@@ -79,6 +80,7 @@ def _frame(corpora, column: str, values: Sequence, sums: np.ndarray, n_tokens: n
     return frame
 
 
+@shared_failures("perplexity_vs_top_k")
 def perplexity_vs_top_k(
     model,
     corpora: Mapping[str, Sequence[str]],
@@ -113,6 +115,7 @@ def perplexity_vs_top_k(
     return frame[["domain", "k", "mean_log_ppl", "ppl", "normalized_log_ppl", "n_tokens"]]
 
 
+@shared_failures("pruning_curve")
 def pruning_curve(
     model,
     corpora: Mapping[str, Sequence[str]],

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 
 from moe_hooked.analysis.counts import RoutingCounts
-from moe_hooked.corpus import corpus_batches
+from moe_hooked.corpus import all_reduce_sums, corpus_batches, shared_failures
 from moe_hooked.hook_names import get_act_name
 
 __all__ = ["routing_stats", "top_tokens_per_expert"]
@@ -64,17 +64,17 @@ class _RoutingAccumulator:
         self.entropy_sum[d, i] += torch.special.entr(probs[mask].double()).sum()
 
     def result(self, domains: list[str], top_k: int) -> RoutingCounts:
-        def numpy(x):
-            return None if x is None else x.cpu().numpy()
-
+        """The sums, totalled over the ranks of a process group (if any), as RoutingCounts."""
+        sums = [self.counts, self.tokens, self.entropy_sum] + ([] if self.coactivation is None else [self.coactivation])
+        counts, tokens, entropy_sum, *coactivation = (x.cpu().numpy() for x in all_reduce_sums(sums, "routing_stats"))
         return RoutingCounts(
-            counts=numpy(self.counts),
-            tokens=numpy(self.tokens),
+            counts=counts,
+            tokens=tokens,
             domains=domains,
             layers=self.layers,
             top_k=top_k,
-            coactivation=numpy(self.coactivation),
-            entropy_sum=numpy(self.entropy_sum),
+            coactivation=coactivation[0] if coactivation else None,
+            entropy_sum=entropy_sum,
         )
 
 
@@ -83,6 +83,7 @@ def _require_moe(model) -> None:
         raise ValueError("this model has no MoE layers: there is no routing to count")
 
 
+@shared_failures("routing_stats")
 @torch.inference_mode()
 def routing_stats(
     model,
@@ -119,6 +120,7 @@ def routing_stats(
     return acc.result(list(corpora), model.cfg.top_k)
 
 
+@shared_failures("top_tokens_per_expert")
 @torch.inference_mode()
 def top_tokens_per_expert(
     model,
@@ -134,7 +136,9 @@ def top_tokens_per_expert(
 
     Over the real tokens of `texts` (batched as in :func:`routing_stats`), counts how often
     each (expert, token id) pair occurs, an expert counting when it is in the token's top-k.
-    Memory: one [n_experts, d_vocab] count table, updated in place (scatter-add) per batch.
+    Memory: one [n_experts, d_vocab] count table, updated in place (scatter-add) per batch. In a
+    process group the whole table is summed over the ranks before the top tokens are picked
+    (exact: merging each rank's top lists would miss tokens that are frequent only overall).
 
     Returns one row per (expert, rank), at most `top` ranks per expert and only tokens the
     expert was selected for (experts never selected have no rows):
@@ -165,7 +169,8 @@ def top_tokens_per_expert(
             stop_at_layer=layer + 1,
             fwd_hooks=[(get_act_name("topk_indices", layer), partial(count, batch.tokens, mask))],
         )
-    return _top_tokens_frame(model, layer, pairs.view(n_experts, d_vocab).cpu(), occurrences.cpu(), top)
+    pairs, occurrences = (x.cpu() for x in all_reduce_sums([pairs, occurrences], what))
+    return _top_tokens_frame(model, layer, pairs.view(n_experts, d_vocab), occurrences, top)
 
 
 def _top_tokens_frame(

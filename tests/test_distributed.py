@@ -1,0 +1,209 @@
+"""Corpus analyses across processes: two real gloo ranks launched by `torchrun` against one process.
+
+One `torchrun --nproc-per-node 2` run of tests/distributed_worker.py computes every analysis
+under three batch layouts (batches not divisible by the world size, divisible, one batch so
+that rank 1 gets none), runs the failure scenarios and the CLI report; each rank pickles what
+it saw, and the tests compare it with the same code run here without a process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import moe_hooked.corpus as corpus
+from moe_hooked import HookedMoETransformer
+from moe_hooked.analysis import routing_stats
+from moe_hooked.corpus import all_reduce_sums, corpus_batches, deal, shared_failures
+from moe_hooked.data import builtin_corpora
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker as worker  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 900  # far above a normal run: reaching it means a hang
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HookedMoETransformer.from_pretrained("moe-hooked/demo")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """`[record of rank 0, record of rank 1]` and the run's folder."""
+    out = tmp_path_factory.mktemp("distributed")
+    (out / "english.txt").write_text("\n".join(builtin_corpora(["english"])["english"]))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               str(REPO / "tests" / "distributed_worker.py"), str(out)]
+    done = subprocess.run(command, env=env, cwd=out, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    (out / "stderr.txt").write_text(done.stderr)
+    return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(2)], out
+
+
+@pytest.fixture(scope="module")
+def one_process(model):
+    """The analyses in this process, with one thread as each rank (float32 matrix products give
+    results that differ in the last bits with the number of threads, whatever the process count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return worker.compute_all(model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _assert_same(got, expected, where: str) -> None:
+    """Integers exactly, floats to 1e-6 relative, through dicts, arrays and tables."""
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            _assert_same(got[key], expected[key], f"{where}[{key}]")
+    elif isinstance(expected, pd.DataFrame):
+        pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-6, atol=0, obj=where)
+        for column in expected.select_dtypes("integer"):
+            assert (got[column] == expected[column]).all(), f"{where}: {column}"
+    elif expected is None:
+        assert got is None, where
+    elif np.issubdtype(np.asarray(expected).dtype, np.integer):
+        np.testing.assert_array_equal(got, expected, err_msg=where)
+    else:
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0, equal_nan=True, err_msg=where)
+
+
+# --------------------------------------------------------------------------- without processes
+def _batches(model, setting: dict, monkeypatch, rank: int, world: int) -> list[tuple[int, torch.Tensor]]:
+    """`(domain index, tokens)` of the batches `corpus_batches` gives `rank` of `world`."""
+    monkeypatch.setattr(corpus, "rank_and_world", lambda: (rank, world))
+    batches = corpus_batches(model, worker.corpora_for(setting), progress=False, **worker.budget_of(setting))
+    return [(d, batch.tokens) for d, batch in batches]
+
+
+def test_batches_are_dealt_round_robin_and_their_union_is_the_whole_corpus(model, monkeypatch):
+    monkeypatch.setattr(corpus, "check_same_inputs", lambda *args, **kwargs: None)  # no other rank to ask
+    sizes = {}
+    for name, setting in worker.SETTINGS.items():
+        everything = _batches(model, setting, monkeypatch, 0, 1)
+        sizes[name] = len(everything)
+        shares = [_batches(model, setting, monkeypatch, rank, 2) for rank in range(2)]
+        for rank, share in enumerate(shares):
+            expected = everything[rank::2]
+            assert [d for d, _ in share] == [d for d, _ in expected], name
+            assert all(torch.equal(a, b) for (_, a), (_, b) in zip(share, expected)), name
+        assert len(shares[0]) + len(shares[1]) == len(everything), name
+    # the layouts the two-rank run covers: odd and even numbers of batches, a rank without any
+    assert sizes["odd"] % 2 == 1 and sizes["even"] % 2 == 0 and sizes["single"] == 1
+
+
+def test_deal_and_reductions_without_a_process_group():
+    assert list(deal(range(5))) == [0, 1, 2, 3, 4]
+    floats, ints = torch.tensor([1.5, 2.0], dtype=torch.float32), torch.tensor([[3, 4]], dtype=torch.int32)
+    summed = all_reduce_sums([floats, ints])
+    assert summed[0].dtype == torch.float64 and summed[1].dtype == torch.int64
+    assert torch.equal(summed[0], floats.double()) and torch.equal(summed[1], ints.long())
+    summed[0] += 1  # copies: the accumulators are not touched
+    assert torch.equal(floats, torch.tensor([1.5, 2.0]))
+    with pytest.raises(KeyError):
+        with shared_failures("nothing to share"):
+            raise KeyError("stays as it is")
+
+
+def test_deal_with_ranks(monkeypatch):
+    monkeypatch.setattr(corpus, "rank_and_world", lambda: (1, 3))
+    assert list(deal("abcdefg")) == ["b", "e"]
+    monkeypatch.setattr(corpus, "rank_and_world", lambda: (2, 3))
+    assert list(deal("ab")) == []
+
+
+# --------------------------------------------------------------------------- two gloo ranks
+def test_every_analysis_on_two_ranks_equals_one_process(two_ranks, one_process):
+    records, _ = two_ranks
+    for rank, record in enumerate(records):
+        assert (record["launch"].rank, record["launch"].world_size, record["launch"].backend) == (rank, 2, "gloo")
+        assert record["results"].keys() == one_process.keys()
+        for key, expected in one_process.items():
+            _assert_same(record["results"][key], expected, f"rank {rank} {key}")
+
+
+def test_ranks_given_different_corpora_fail_before_the_work(two_ranks):
+    for record in two_ranks[0]:
+        failure = record["failures"]["different_corpora"]
+        assert failure["type"] == "RankFailedError"
+        assert "routing_stats: the ranks were given different corpora" in failure["message"]
+
+
+def test_ranks_given_different_models_fail_before_the_work(two_ranks):
+    for record in two_ranks[0]:
+        failure = record["failures"]["different_model"]
+        assert failure["type"] == "RankFailedError"
+        assert "topk_cosine: the ranks were given different model weights" in failure["message"]
+
+
+def test_sums_of_different_shapes_are_refused_on_every_rank(two_ranks):
+    for record in two_ranks[0]:
+        failure = record["failures"]["different_shapes"]
+        assert failure["type"] == "RankFailedError"
+        assert failure["message"].startswith("a sum: the ranks hold sums of different shapes")
+
+
+def test_a_rank_that_raises_mid_run_stops_every_rank_with_its_error(two_ranks, one_process, model):
+    failing, other = two_ranks[0][1]["failures"], two_ranks[0][0]["failures"]
+    assert failing["raises_mid_run"]["type"] == "RuntimeError"
+    assert failing["raises_mid_run"]["message"] == "boom on the second batch"
+    # rank 0 hears of it at its next synchronisation (not by a timeout: the message is rank 1's)
+    assert other["raises_mid_run"]["type"] == "RankFailedError"
+    assert ("perplexity_vs_top_k stopped on rank 0 because another rank failed: "
+            "rank 1: perplexity_vs_top_k: RuntimeError: boom on the second batch") == other["raises_mid_run"]["message"]
+    # and the process group is usable afterwards
+    setting = worker.SETTINGS["even"]
+    expected = routing_stats(model, worker.corpora_for(setting), progress=False, **worker.budget_of(setting)).counts
+    for record in two_ranks[0]:
+        np.testing.assert_array_equal(record["failures"]["after_failures"], expected)
+
+
+def test_a_rank_lost_without_a_word_makes_the_others_fail_not_hang(two_ranks):
+    lost = two_ranks[0][0]["failures"]["lost_rank"]
+    assert lost["type"] == "RankFailedError"
+    assert lost["message"].startswith("routing_stats: rank 0 lost contact with the other ranks")
+    assert lost["seconds"] < worker.TIMEOUT_S  # gloo saw the closed connection: no wait for the timeout
+
+
+def test_cli_report_on_two_ranks_is_written_once_by_rank_0(two_ranks, model):
+    records, out = two_ranks
+    assert [record["report_status"] for record in records] == [0, 0]
+    assert sorted(p.name for p in out.iterdir()) == ["english.txt", "rank0.pkl", "rank1.pkl", "report", "stderr.txt"]
+    meta = json.loads((out / "report" / "report.json").read_text())
+    assert (meta["options"]["world_size"], meta["options"]["backend"]) == (2, "gloo")
+    assert "<td>2 (gloo)</td>" in (out / "report" / "index.html").read_text()
+    counts = json.loads((out / "report" / "counts.json").read_text())
+    expected = routing_stats(model, builtin_corpora(["english"]), max_tokens=24, batch_size=4, progress=False)
+    assert counts["counts"] == expected.counts.tolist()
+    np.testing.assert_allclose(counts["entropy_sum"], expected.entropy_sum, rtol=1e-6)
+
+
+def test_cli_report_refused_on_rank_0_fails_on_every_rank(two_ranks):
+    # rank 0 refuses the existing output folder (exit 2); rank 1 hears of it before its work (exit 1)
+    assert [record["second_report_status"] for record in two_ranks[0]] == [2, 1]
+    stderr = (two_ranks[1] / "stderr.txt").read_text()
+    assert "moe-hooked report: error: output folder" in stderr
+    assert ("moe-hooked report: error: routing_stats stopped on rank 1 because another rank failed: "
+            "rank 0: report: ReportError: output folder") in stderr
+
+
+def test_python_dash_m_runs_the_cli():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "moe_hooked", "report", "--help"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--timeout" in done.stdout and "torchrun" in done.stdout
