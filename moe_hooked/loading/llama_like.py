@@ -1,7 +1,8 @@
-"""Hub tensor names shared by the Llama-derived MoE families (OLMoE, Qwen-MoE, DeepSeekMoE).
+"""Hub tensor names shared by the Llama-derived MoE families (attention, norms, dense MLPs).
 
 A weight map sends each hub key to a `Target`: a parameter of `HookedMoETransformer`
-and, for stacked expert weights, the expert index to fill.
+and, for stacked expert weights, the expert index to fill. What differs between families
+(how a MoE layer names its router and experts) is data of each family module, passed in.
 """
 
 from __future__ import annotations
@@ -17,11 +18,31 @@ class Target(NamedTuple):
     expert: int | None = None
 
 
-def weight_names(cfg: MoEConfig, shared_expert: str | None = None, shared_gate: str | None = None) -> dict[str, Target]:
+WeightMap = Mapping[str, Target]
+"""Hub names under a layer's prefix (`model.layers.{l}.`) -> our names under `blocks.{l}.`.
+A `{e}` in a hub name stands for each routed-expert index: the target then fills that expert
+of its stacked parameter."""
+
+PER_EXPERT_SWIGLU: WeightMap = {
+    "mlp.gate.weight": Target("mlp.router.weight"),
+    "mlp.experts.{e}.gate_proj.weight": Target("mlp.experts.W_gate"),
+    "mlp.experts.{e}.up_proj.weight": Target("mlp.experts.W_up"),
+    "mlp.experts.{e}.down_proj.weight": Target("mlp.experts.W_down"),
+}
+"""The router and routed experts as OLMoE, Qwen-MoE and DeepSeekMoE name them: one
+`{gate,up,down}_proj` per expert under `mlp.experts.{e}`, the router `mlp.gate`."""
+
+
+def swiglu_names(hub: str, ours: str) -> dict[str, Target]:
+    """A dense SwiGLU MLP `{hub}{gate,up,down}_proj.weight` -> `{ours}w_{gate,up,down}`."""
+    return {f"{hub}{proj}_proj.weight": Target(f"{ours}w_{proj}") for proj in ("gate", "up", "down")}
+
+
+def weight_names(cfg: MoEConfig, moe: WeightMap) -> dict[str, Target]:
     """Every hub key a checkpoint of this architecture holds, mapped to its destination.
 
-    `shared_expert` is the hub's name of the shared-expert MLP under `mlp.` (e.g.
-    "shared_expert" or "shared_experts"); `shared_gate` the name of its gate linear.
+    `moe` is the family's map of a MoE layer's MLP weights (router, experts, shared expert);
+    attention, norms and the dense MLP of non-MoE layers are named alike in every family.
     """
     names = {
         "model.embed_tokens.weight": Target("embed.W_E"),
@@ -30,11 +51,11 @@ def weight_names(cfg: MoEConfig, shared_expert: str | None = None, shared_gate: 
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = Target("unembed.weight")
     for layer in range(cfg.n_layers):
-        names |= _block_names(cfg, layer, shared_expert, shared_gate)
+        names |= _block_names(cfg, layer, moe)
     return names
 
 
-def _block_names(cfg: MoEConfig, layer: int, shared_expert: str | None, shared_gate: str | None) -> dict[str, Target]:
+def _block_names(cfg: MoEConfig, layer: int, moe: WeightMap) -> dict[str, Target]:
     hub, ours = f"model.layers.{layer}.", f"blocks.{layer}."
     names = {
         hub + "input_layernorm.weight": Target(ours + "ln1.w"),
@@ -49,20 +70,13 @@ def _block_names(cfg: MoEConfig, layer: int, shared_expert: str | None, shared_g
         for proj in "qk":
             names[f"{hub}self_attn.{proj}_norm.weight"] = Target(f"{ours}attn.{proj}_norm.w")
     if not cfg.is_moe_layer(layer):
-        return names | _mlp_names(hub + "mlp.", ours + "mlp.")
-    names[hub + "mlp.gate.weight"] = Target(ours + "mlp.router.weight")
-    for expert in range(cfg.n_experts):
-        for proj, param in (("gate", "W_gate"), ("up", "W_up"), ("down", "W_down")):
-            names[f"{hub}mlp.experts.{expert}.{proj}_proj.weight"] = Target(f"{ours}mlp.experts.{param}", expert)
-    if shared_expert:
-        names |= _mlp_names(f"{hub}mlp.{shared_expert}.", ours + "mlp.shared_expert.")
-    if shared_gate:
-        names[f"{hub}mlp.{shared_gate}.weight"] = Target(ours + "mlp.w_shared_gate")
+        return names | swiglu_names(hub + "mlp.", ours + "mlp.")
+    for hub_name, target in moe.items():
+        experts = range(cfg.n_experts) if "{e}" in hub_name else [None]
+        for expert in experts:
+            key = hub + hub_name.format(e=expert)
+            names[key] = target._replace(param=ours + target.param, expert=expert)
     return names
-
-
-def _mlp_names(hub: str, ours: str) -> dict[str, Target]:
-    return {f"{hub}{proj}_proj.weight": Target(f"{ours}w_{proj}") for proj in ("gate", "up", "down")}
 
 
 def common_fields(hf: Mapping) -> dict:

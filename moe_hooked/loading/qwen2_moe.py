@@ -47,8 +47,11 @@ def config_from_hf(raw: dict) -> MoEConfig:
     )
 
 
+SHARED_EXPERT_WEIGHTS = llama_like.swiglu_names("mlp.shared_expert.", "mlp.shared_expert.") | {
+    "mlp.shared_expert_gate.weight": llama_like.Target("mlp.w_shared_gate")
+}
+
+
 def weight_names(cfg: MoEConfig) -> dict[str, llama_like.Target]:
-    gated = cfg.shared_expert_gated
-    return llama_like.weight_names(
-        cfg, shared_expert="shared_expert" if cfg.d_shared_expert else None, shared_gate="shared_expert_gate" if gated else None
-    )
+    shared = SHARED_EXPERT_WEIGHTS if cfg.d_shared_expert else {}
+    return llama_like.weight_names(cfg, llama_like.PER_EXPERT_SWIGLU | shared)
