@@ -65,6 +65,9 @@ class MoEConfig:
     """RMSNorm over the full projected q and k widths before the head split (OLMoE)."""
     clip_qkv: float | None = None
     rope_theta: float = 10000.0
+    rope_yarn: dict | None = None
+    """YaRN RoPE scaling: transformers' `rope_parameters` (factor, original_max_position_embeddings,
+    beta_fast, beta_slow, mscale, mscale_all_dim, truncate, attention_factor); None for plain RoPE."""
 
     # norms and embeddings
     eps: float = 1e-6

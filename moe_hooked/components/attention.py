@@ -42,7 +42,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(q_width, cfg.eps)
             self.k_norm = RMSNorm(kv_width, cfg.eps)
-        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.rope_yarn)
         self.hook_q = MoEHookPoint()  # [batch pos head_index d_head]
         self.hook_k = MoEHookPoint()  # [batch pos kv_head_index d_head]
         self.hook_v = MoEHookPoint()  # [batch pos kv_head_index d_head]

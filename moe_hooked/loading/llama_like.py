@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from moe_hooked.components.rotary import YARN_KEYS
 from moe_hooked.config import MoEConfig
 from moe_hooked.loading.errors import UnsupportedArchitectureError
 
@@ -93,7 +94,7 @@ def common_fields(hf: Mapping) -> dict:
         d_head=hf.get("head_dim") or hf["hidden_size"] // heads,
         d_vocab=hf["vocab_size"],
         n_ctx=hf["max_position_embeddings"],
-        rope_theta=rope_theta(hf),
+        **rope_fields(hf),
         eps=hf["rms_norm_eps"],
         tie_word_embeddings=hf["tie_word_embeddings"],
         act_fn=hf["hidden_act"],
@@ -103,10 +104,27 @@ def common_fields(hf: Mapping) -> dict:
     )
 
 
-def rope_theta(hf: Mapping) -> float:
-    """RoPE base of a config dict; only plain (unscaled) RoPE is supported."""
-    params = hf.get("rope_parameters") or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise UnsupportedArchitectureError(f"RoPE scaling '{rope_type}' is not supported yet; only plain RoPE is")
-    return float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+def rope_fields(hf: Mapping) -> dict:
+    """`rope_theta` and `rope_yarn` of a config dict: plain RoPE or YaRN, nothing else.
+
+    Raises `UnsupportedArchitectureError` naming any other RoPE scaling type, or a YaRN
+    parameter `RotaryEmbedding` does not read.
+    """
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    if rope_type == "default":
+        return dict(rope_theta=theta)
+    if rope_type != "yarn":
+        raise UnsupportedArchitectureError(
+            f"RoPE scaling '{rope_type}' (rope_type in config.json's rope_parameters) is not supported: "
+            "moe_hooked implements plain RoPE and 'yarn'"
+        )
+    unknown = sorted(params.keys() - YARN_KEYS - {"type"})
+    if unknown:
+        raise UnsupportedArchitectureError(f"YaRN RoPE parameters {unknown} are not supported (known: {sorted(YARN_KEYS)})")
+    yarn = {key: params[key] for key in sorted(YARN_KEYS - {"rope_type", "rope_theta"}) if key in params}
+    yarn.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+    if yarn.get("factor") is None:
+        yarn["factor"] = hf["max_position_embeddings"] / yarn["original_max_position_embeddings"]
+    return dict(rope_theta=theta, rope_yarn=yarn)
