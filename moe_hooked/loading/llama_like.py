@@ -7,7 +7,7 @@ and, for stacked expert weights, the expert index to fill. What differs between 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from moe_hooked.components.rotary import YARN_KEYS
@@ -67,6 +67,8 @@ def _block_names(cfg: MoEConfig, layer: int, moe: WeightMap) -> dict[str, Target
     if cfg.qkv_bias:
         for proj in "qkv":
             names[f"{hub}self_attn.{proj}_proj.bias"] = Target(f"{ours}attn.b_{proj}")
+    if cfg.o_bias:
+        names[f"{hub}self_attn.o_proj.bias"] = Target(f"{ours}attn.b_o")
     if cfg.qk_norm:
         for proj in "qk":
             names[f"{hub}self_attn.{proj}_norm.weight"] = Target(f"{ours}attn.{proj}_norm.w")
@@ -102,6 +104,11 @@ def common_fields(hf: Mapping) -> dict:
         eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
     )
+
+
+def sliding_window_fields(window: int | None, layers: Iterable[int]) -> dict:
+    """`sliding_window` and `sliding_window_layers` for a window (None: none) on `layers`."""
+    return dict(sliding_window=window, sliding_window_layers=tuple(layers) if window else ())
 
 
 def rope_fields(hf: Mapping) -> dict:
