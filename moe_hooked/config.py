@@ -75,6 +75,20 @@ class MoEConfig:
     """Query i attends to keys j with i - sliding_window < j <= i in `sliding_window_layers`."""
     sliding_window_layers: tuple[int, ...] = ()
     """Layers whose attention uses `sliding_window` (gpt-oss: its "sliding_attention" layer_types)."""
+    attn_sinks: bool = False
+    """Each head has a learned sink logit (`attn.sinks` [n_heads]) that joins the softmax over the
+    keys and takes its share of the attention without contributing a value (gpt-oss)."""
+
+    # router and expert variants (gpt-oss)
+    router_bias: bool = False
+    """The router linear has a bias: `hook_router_logits` are the biased logits."""
+    expert_bias: bool = False
+    """Each routed expert's gate, up and down projections have biases."""
+    swiglu_limit: float | None = None
+    """gpt-oss's clamped SwiGLU: with gate clamped to <= limit and up to [-limit, limit], the
+    expert hidden state is (up + 1) * gate * sigmoid(swiglu_alpha * gate). None: act(gate) * up."""
+    swiglu_alpha: float = 1.0
+    """The sigmoid's slope in the clamped SwiGLU (only with `swiglu_limit`)."""
     rope_theta: float = 10000.0
     rope_yarn: dict | None = None
     """YaRN RoPE scaling: transformers' `rope_parameters` (factor, original_max_position_embeddings,

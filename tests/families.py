@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from deepseek_reference import build_reference, deepseek_config, write_checkpoint
 from hf_models import BASE, build_hf, olmoe_config, qwen2_moe_config, save_hf
-from transformers import MixtralConfig, Qwen3MoeConfig
+from transformers import GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
 from moe_hooked import HookedMoETransformer
 
@@ -42,6 +42,17 @@ def qwen3_moe_config(**overrides) -> Qwen3MoeConfig:
 def mixtral_config(**overrides) -> MixtralConfig:
     kwargs = BASE | dict(num_key_value_heads=2, intermediate_size=18, num_local_experts=5, num_experts_per_tok=2)
     return MixtralConfig(**(kwargs | overrides))
+
+
+def gpt_oss_config(**overrides) -> GptOssConfig:
+    """A tiny gpt-oss: sliding and full layers, YaRN, a SwiGLU limit small enough to clamp these activations."""
+    yarn = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": False, "original_max_position_embeddings": 16}
+    kwargs = BASE | dict(
+        num_key_value_heads=2, head_dim=6, intermediate_size=10, num_local_experts=5, num_experts_per_tok=2,
+        sliding_window=4, rope_parameters=yarn, swiglu_limit=0.15,
+    )
+    return GptOssConfig(**(kwargs | overrides))
 
 
 FAMILIES: dict[str, Family] = {
@@ -73,6 +84,13 @@ FAMILIES: dict[str, Family] = {
         "mixtral-window": lambda: mixtral_config(sliding_window=4),
         "mixtral-k1-no-gqa": lambda: mixtral_config(num_experts_per_tok=1, num_key_value_heads=4),
         "mixtral-k3-tied": lambda: mixtral_config(num_experts_per_tok=3, tie_word_embeddings=True),
+    }),
+    "gpt_oss": Family({
+        "gpt_oss": lambda: gpt_oss_config(),
+        "gpt_oss-k1-alpha": lambda: gpt_oss_config(num_experts_per_tok=1, swiglu_alpha=0.9, swiglu_limit=0.08),
+        "gpt_oss-k3-no-gqa-full": lambda: gpt_oss_config(
+            num_experts_per_tok=3, num_key_value_heads=4, layer_types=["full_attention"] * 3),
+        "gpt_oss-window-all": lambda: gpt_oss_config(sliding_window=6, layer_types=["sliding_attention"] * 3),
     }),
 }
 

@@ -21,7 +21,10 @@ class Attention(nn.Module):
     `w_k`/`w_v` [n_kv_heads*d_head, d_model], `w_o` [d_model, n_heads*d_head]; biases
     `b_q`/`b_k`/`b_v` when `cfg.qkv_bias`, `b_o` when `cfg.o_bias`; `q_norm`/`k_norm` when
     `cfg.qk_norm`, over the full projected width or, with `cfg.qk_norm_per_head`, over each
-    head's d_head. `sliding_window`: keys further back than that many positions are masked. TransformerLens-shaped views: `W_Q`, `W_K`, `W_V` [head d_model d_head],
+    head's d_head. `sliding_window`: keys further back than that many positions are masked.
+    `sinks` [n_heads] when `cfg.attn_sinks` (gpt-oss): each head's sink logit joins the softmax
+    over the keys (`hook_sinks` [batch head_index query_pos 1]); `hook_pattern` then holds the
+    keys' share only, its rows summing to 1 minus the sink's share. TransformerLens-shaped views: `W_Q`, `W_K`, `W_V` [head d_model d_head],
     `W_O` [head d_head d_model].
 
     When neither `hook_attn_scores` nor `hook_pattern` is hooked, the pattern is not
@@ -47,6 +50,9 @@ class Attention(nn.Module):
             per_head = cfg.qk_norm_per_head
             self.q_norm = RMSNorm(cfg.d_head if per_head else q_width, cfg.eps)
             self.k_norm = RMSNorm(cfg.d_head if per_head else kv_width, cfg.eps)
+        if cfg.attn_sinks:
+            self.sinks = nn.Parameter(torch.empty(cfg.n_heads))
+            self.hook_sinks = MoEHookPoint()  # [batch head_index query_pos 1]
         self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.rope_yarn)
         self.hook_q = MoEHookPoint()  # [batch pos head_index d_head]
         self.hook_k = MoEHookPoint()  # [batch pos kv_head_index d_head]
@@ -83,7 +89,8 @@ class Attention(nn.Module):
         return norm(out) if norm is not None and self.cfg.qk_norm_per_head else out
 
     def _pattern_is_hooked(self) -> bool:
-        return any(h._forward_hooks or h._backward_hooks for h in (self.hook_attn_scores, self.hook_pattern))
+        """Whether the pattern must be materialised (hooked, or sinks that the fused kernel lacks)."""
+        return self.cfg.attn_sinks or any(h._forward_hooks or h._backward_hooks for h in (self.hook_attn_scores, self.hook_pattern))
 
     def forward(
         self,
@@ -121,5 +128,10 @@ class Attention(nn.Module):
     def _explicit_attention(self, q, k, v, mask) -> Float[torch.Tensor, "batch head pos d_head"]:
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.cfg.d_head**-0.5)  # in place: no second copy
         scores = self.hook_attn_scores(scores.masked_fill_(~mask, torch.finfo(scores.dtype).min))
-        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        if self.cfg.attn_sinks:
+            sinks = self.hook_sinks(self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1))
+            probs = F.softmax(torch.cat((scores, sinks), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+        else:
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        pattern = self.hook_pattern(probs.to(q.dtype))
         return torch.matmul(pattern, v)

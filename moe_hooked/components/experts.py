@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
-from moe_hooked.components.mlp import activation
+from moe_hooked.components.mlp import activation, clamped_swiglu
 from moe_hooked.config import MoEConfig
 
 
@@ -15,7 +15,9 @@ class Experts(nn.Module):
     """`n_experts` SwiGLU experts stored stacked.
 
     `W_gate`, `W_up` [n_experts, d_expert, d_model], `W_down` [n_experts, d_model, d_expert]
-    (per expert the hub's [out, in] layout).
+    (per expert the hub's [out, in] layout); with `cfg.expert_bias` also `b_gate`, `b_up`
+    [n_experts, d_expert] and `b_down` [n_experts, d_model]. The hidden state is act(gate) * up,
+    or gpt-oss's clamped SwiGLU when `cfg.swiglu_limit` is set.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -25,11 +27,21 @@ class Experts(nn.Module):
         self.W_gate = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert, cfg.d_model))
         self.W_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert, cfg.d_model))
         self.W_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_expert))
+        if cfg.expert_bias:
+            self.b_gate = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert))
+            self.b_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert))
+            self.b_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
 
     def expert(self, e: int, x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_model"]:
         """Expert `e` applied to the rows of `x`."""
-        hidden = self.act(F.linear(x, self.W_gate[e])) * F.linear(x, self.W_up[e])
-        return F.linear(hidden, self.W_down[e])
+        bias = self.cfg.expert_bias
+        gate = F.linear(x, self.W_gate[e], self.b_gate[e] if bias else None)
+        up = F.linear(x, self.W_up[e], self.b_up[e] if bias else None)
+        if self.cfg.swiglu_limit is None:
+            hidden = self.act(gate) * up
+        else:
+            hidden = clamped_swiglu(gate, up, self.cfg.swiglu_limit, self.cfg.swiglu_alpha)
+        return F.linear(hidden, self.W_down[e], self.b_down[e] if bias else None)
 
     def forward(
         self,

@@ -15,14 +15,24 @@ from moe_hooked.config import MoEConfig
 from moe_hooked.loading.errors import UnsupportedArchitectureError
 
 class Target(NamedTuple):
+    """Where (part of) one hub tensor goes: parameter `param`, its expert `expert` if set.
+
+    `interleave` (offset, step) takes every step-th column of the hub tensor's last dim from
+    `offset` (gpt-oss's fused gate_up_proj: gate (0, 2), up (1, 2)); `transpose` swaps the
+    last two dims (hub tensors stored [in, out]). Both are views, so exporting writes back
+    through the same view (`checkpoint.hub_view`).
+    """
+
     param: str
     expert: int | None = None
+    interleave: tuple[int, int] | None = None
+    transpose: bool = False
 
 
-WeightMap = Mapping[str, Target]
-"""Hub names under a layer's prefix (`model.layers.{l}.`) -> our names under `blocks.{l}.`.
-A `{e}` in a hub name stands for each routed-expert index: the target then fills that expert
-of its stacked parameter."""
+WeightMap = Mapping[str, "Target | tuple[Target, ...]"]
+"""Hub names under a layer's prefix (`model.layers.{l}.`) -> our names under `blocks.{l}.`
+(a tuple when one hub tensor fills several parameters). A `{e}` in a hub name stands for
+each routed-expert index: the target then fills that expert of its stacked parameter."""
 
 PER_EXPERT_SWIGLU: WeightMap = {
     "mlp.gate.weight": Target("mlp.router.weight"),
@@ -39,7 +49,7 @@ def swiglu_names(hub: str, ours: str) -> dict[str, Target]:
     return {f"{hub}{proj}_proj.weight": Target(f"{ours}w_{proj}") for proj in ("gate", "up", "down")}
 
 
-def weight_names(cfg: MoEConfig, moe: WeightMap) -> dict[str, Target]:
+def weight_names(cfg: MoEConfig, moe: WeightMap) -> dict[str, Target | tuple[Target, ...]]:
     """Every hub key a checkpoint of this architecture holds, mapped to its destination.
 
     `moe` is the family's map of a MoE layer's MLP weights (router, experts, shared expert);
@@ -56,7 +66,7 @@ def weight_names(cfg: MoEConfig, moe: WeightMap) -> dict[str, Target]:
     return names
 
 
-def _block_names(cfg: MoEConfig, layer: int, moe: WeightMap) -> dict[str, Target]:
+def _block_names(cfg: MoEConfig, layer: int, moe: WeightMap) -> dict[str, Target | tuple[Target, ...]]:
     hub, ours = f"model.layers.{layer}.", f"blocks.{layer}."
     names = {
         hub + "input_layernorm.weight": Target(ours + "ln1.w"),
@@ -69,17 +79,24 @@ def _block_names(cfg: MoEConfig, layer: int, moe: WeightMap) -> dict[str, Target
             names[f"{hub}self_attn.{proj}_proj.bias"] = Target(f"{ours}attn.b_{proj}")
     if cfg.o_bias:
         names[f"{hub}self_attn.o_proj.bias"] = Target(f"{ours}attn.b_o")
+    if cfg.attn_sinks:
+        names[f"{hub}self_attn.sinks"] = Target(f"{ours}attn.sinks")
     if cfg.qk_norm:
         for proj in "qk":
             names[f"{hub}self_attn.{proj}_norm.weight"] = Target(f"{ours}attn.{proj}_norm.w")
     if not cfg.is_moe_layer(layer):
         return names | swiglu_names(hub + "mlp.", ours + "mlp.")
-    for hub_name, target in moe.items():
+    for hub_name, targets in moe.items():
         experts = range(cfg.n_experts) if "{e}" in hub_name else [None]
         for expert in experts:
-            key = hub + hub_name.format(e=expert)
-            names[key] = target._replace(param=ours + target.param, expert=expert)
+            placed = tuple(t._replace(param=ours + t.param, expert=expert) for t in as_targets(targets))
+            names[hub + hub_name.format(e=expert)] = placed if len(placed) > 1 else placed[0]
     return names
+
+
+def as_targets(value: Target | tuple[Target, ...]) -> tuple[Target, ...]:
+    """The targets of one weight-map entry (a single `Target` or a tuple of them)."""
+    return (value,) if isinstance(value, Target) else tuple(value)
 
 
 def common_fields(hf: Mapping) -> dict:
