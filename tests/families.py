@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from deepseek_reference import build_reference, deepseek_config, write_checkpoint
 from hf_models import BASE, build_hf, olmoe_config, qwen2_moe_config, save_hf
+from tiny import tiny_tokenizer
 from transformers import GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
 from moe_hooked import HookedMoETransformer
@@ -109,6 +110,7 @@ def build_and_save(config_name: str, folder: Path, seed: int = 0) -> tuple[torch
 
 
 def tiny_hooked(family: str, folder: Path, seed: int = 0) -> HookedMoETransformer:
-    """The first config of `family`, saved into `folder` and loaded hooked."""
+    """The first config of `family`, saved into `folder` with `tiny.tiny_tokenizer` and loaded hooked."""
     _, saved = build_and_save(next(iter(FAMILIES[family].configs)), folder, seed)
+    tiny_tokenizer(97).save_pretrained(str(saved))
     return HookedMoETransformer.from_pretrained(saved)
