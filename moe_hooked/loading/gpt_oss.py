@@ -21,7 +21,7 @@ from __future__ import annotations
 from transformers import GptOssConfig
 
 from moe_hooked.config import MoEConfig
-from moe_hooked.loading import llama_like
+from moe_hooked.loading import llama_like, mixtral
 from moe_hooked.loading.errors import UnsupportedArchitectureError
 from moe_hooked.loading.llama_like import Target
 
@@ -64,12 +64,7 @@ def config_from_hf(raw: dict) -> MoEConfig:
     return MoEConfig(
         architecture=MODEL_TYPE,
         **llama_like.common_fields(hf.to_dict()),
-        n_experts=hf.num_local_experts,
-        top_k=hf.num_experts_per_tok,
-        d_expert=hf.intermediate_size,
-        moe_layers=tuple(range(hf.num_hidden_layers)),
-        norm_topk_prob=True,
-        router_dtype="float32",
+        **mixtral.routing_fields(hf),
         router_bias=True,
         expert_bias=True,
         swiglu_limit=hf.swiglu_limit,

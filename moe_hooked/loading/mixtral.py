@@ -24,17 +24,25 @@ MOE_WEIGHTS = {
 }
 
 
-def config_from_hf(raw: dict) -> MoEConfig:
-    hf = MixtralConfig.from_dict(raw)
-    return MoEConfig(
-        architecture=MODEL_TYPE,
-        **llama_like.common_fields(hf.to_dict()),
+def routing_fields(hf: MixtralConfig) -> dict:
+    """Mixtral's MoE fields (gpt-oss's too): `num_local_experts` experts of width
+    `intermediate_size` in every layer, float32 softmax, top-k renormalised."""
+    return dict(
         n_experts=hf.num_local_experts,
         top_k=hf.num_experts_per_tok,
         d_expert=hf.intermediate_size,
         moe_layers=tuple(range(hf.num_hidden_layers)),
         norm_topk_prob=True,
         router_dtype="float32",
+    )
+
+
+def config_from_hf(raw: dict) -> MoEConfig:
+    hf = MixtralConfig.from_dict(raw)
+    return MoEConfig(
+        architecture=MODEL_TYPE,
+        **llama_like.common_fields(hf.to_dict()),
+        **routing_fields(hf),
         **llama_like.sliding_window_fields(hf.sliding_window, range(hf.num_hidden_layers)),
         default_prepend_bos=PREPENDS_BOS,
         original_config=raw,
