@@ -64,7 +64,35 @@ class MoEConfig:
     qk_norm: bool = False
     """RMSNorm over the full projected q and k widths before the head split (OLMoE)."""
     clip_qkv: float | None = None
+
+    # attention variants (Qwen3-MoE, Mixtral, gpt-oss)
+    qk_norm_per_head: bool = False
+    """With `qk_norm`: RMSNorm over each head's d_head after the head split (Qwen3-MoE)
+    instead of over the full projected width."""
+    o_bias: bool = False
+    """The output projection has a bias (`attention_bias` of Qwen3-MoE and gpt-oss)."""
+    sliding_window: int | None = None
+    """Query i attends to keys j with i - sliding_window < j <= i in `sliding_window_layers`."""
+    sliding_window_layers: tuple[int, ...] = ()
+    """Layers whose attention uses `sliding_window` (gpt-oss: its "sliding_attention" layer_types)."""
+    attn_sinks: bool = False
+    """Each head has a learned sink logit (`attn.sinks` [n_heads]) that joins the softmax over the
+    keys and takes its share of the attention without contributing a value (gpt-oss)."""
+
+    # router and expert variants (gpt-oss)
+    router_bias: bool = False
+    """The router linear has a bias: `hook_router_logits` are the biased logits."""
+    expert_bias: bool = False
+    """Each routed expert's gate, up and down projections have biases."""
+    swiglu_limit: float | None = None
+    """gpt-oss's clamped SwiGLU: with gate clamped to <= limit and up to [-limit, limit], the
+    expert hidden state is (up + 1) * gate * sigmoid(swiglu_alpha * gate). None: act(gate) * up."""
+    swiglu_alpha: float = 1.0
+    """The sigmoid's slope in the clamped SwiGLU (only with `swiglu_limit`)."""
     rope_theta: float = 10000.0
+    rope_yarn: dict | None = None
+    """YaRN RoPE scaling: transformers' `rope_parameters` (factor, original_max_position_embeddings,
+    beta_fast, beta_slow, mscale, mscale_all_dim, truncate, attention_factor); None for plain RoPE."""
 
     # norms and embeddings
     eps: float = 1e-6
@@ -103,6 +131,9 @@ class MoEConfig:
         if isinstance(self.eos_token_id, (list, tuple)):
             self.eos_token_id = self.eos_token_id[0] if self.eos_token_id else None
         self.moe_layers = tuple(sorted(self.moe_layers))
+        self.sliding_window_layers = tuple(sorted(self.sliding_window_layers))
+        if self.sliding_window_layers and not self.sliding_window:
+            raise ValueError("sliding_window_layers needs a positive sliding_window")
 
     @property
     def d_vocab_out(self) -> int:
@@ -110,6 +141,10 @@ class MoEConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers
+
+    def attention_window(self, layer: int) -> int | None:
+        """The sliding window of `layer`'s attention, None for full causal attention."""
+        return self.sliding_window if layer in self.sliding_window_layers else None
 
     def check_moe_layer(self, layer: int) -> int:
         """Return ``layer`` if it is a MoE layer, else raise a ValueError naming the valid ones."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers import AutoModelForCausalLM, OlmoeConfig, Qwen2MoeConfig
 
 BASE = dict(
     vocab_size=97,
@@ -44,9 +44,9 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 param.copy_(1 + 0.5 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(".bias"):
+            elif name.endswith((".bias", "_bias", "sinks")):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-            elif name.endswith("gate.weight"):  # routers: spread the logits so top-k is not a tie
+            elif name.endswith(("gate.weight", "router.weight")):  # routers: spread the logits so top-k is not a tie
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
     return model
 
@@ -55,8 +55,7 @@ def build_hf(config, seed: int = 0, dtype=torch.float32):
     """A tiny random HF model with the eager reference kernels."""
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
-    cls = OlmoeForCausalLM if config.model_type == "olmoe" else Qwen2MoeForCausalLM
-    model = cls(config).to(dtype)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.set_attn_implementation("eager")
     set_eager_experts(model)
     return perturb_(model, seed).eval()

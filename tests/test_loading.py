@@ -55,8 +55,8 @@ def test_hub_id_resolves_from_the_local_cache_offline(hf_olmoe, tmp_path, monkey
 
 def test_unknown_model_type_names_the_supported_ones(folder):
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(config | {"model_type": "mixtral"}))
-    with pytest.raises(UnsupportedArchitectureError, match=r"'mixtral' is not supported; supported are \[.*'olmoe'.*'qwen2_moe'"):
+    (folder / "config.json").write_text(json.dumps(config | {"model_type": "jamba"}))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'jamba' is not supported; supported are \[.*'olmoe'.*'qwen2_moe'"):
         HookedMoETransformer.from_pretrained(folder)
 
 
@@ -129,8 +129,8 @@ def test_weights_are_not_randomly_initialised_before_streaming(folder, monkeypat
 
 def test_unsupported_rope_scaling(folder):
     config = json.loads((folder / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    config["rope_parameters"] = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedArchitectureError, match="RoPE scaling 'yarn' is not supported"):
+    with pytest.raises(UnsupportedArchitectureError, match="RoPE scaling 'linear' .* is not supported"):
         HookedMoETransformer.from_pretrained(folder)
     shutil.rmtree(folder)

@@ -23,7 +23,7 @@ from moe_hooked.cli import main
 from moe_hooked.components.expert_store import parse_memory_budget
 from moe_hooked.interventions import ablate_experts, keep_top_k, route_to
 from moe_hooked.lens import expert_lens
-from moe_hooked.loading import llama_like, olmoe
+from moe_hooked.loading import olmoe
 from moe_hooked.loading.llama_like import Target
 
 
@@ -246,8 +246,10 @@ def test_file_changed_on_disk_after_loading(tmp_path):
 def test_checkpoint_with_fused_experts_cannot_be_streamed(olmoe_checkpoint, monkeypatch):
     """A weight map whose expert tensor holds every expert (as fused checkpoints do)."""
 
+    own_names = olmoe.weight_names
+
     def fused(cfg):
-        names = llama_like.weight_names(cfg)
+        names = own_names(cfg)
         names["model.layers.0.mlp.experts.0.gate_proj.weight"] = Target("blocks.0.mlp.experts.W_gate")
         return names
 
@@ -282,7 +284,7 @@ def write_big_olmoe(folder, n_layers: int = 4, n_experts: int = 40, d: int = 102
     OlmoeConfig(vocab_size=128, hidden_size=d, intermediate_size=d, num_hidden_layers=n_layers, num_attention_heads=8,
                 num_experts=n_experts, num_experts_per_tok=2, dtype="bfloat16").save_pretrained(folder)
     block = (0.02 * torch.randn(d, d, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
-    weight_map = llama_like.weight_names(olmoe.config_from_hf(OlmoeConfig.from_pretrained(folder).to_dict()))
+    weight_map = olmoe.weight_names(olmoe.config_from_hf(OlmoeConfig.from_pretrained(folder).to_dict()))
     shapes = {key: (128, d) if "embed" in key or "lm_head" in key else (n_experts, d) if key.endswith("gate.weight")
               else (d,) if "norm" in key else (d, d) for key in weight_map}
     header, offset = {}, 0

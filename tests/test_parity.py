@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import build_hf, olmoe_config, qwen2_moe_config, save_hf
+from families import parity_configs
+from hf_models import build_hf, save_hf
 
 from moe_hooked import HookedMoETransformer
 
-CONFIGS = {
-    "olmoe": lambda: olmoe_config(),
-    "olmoe-gqa-k1": lambda: olmoe_config(num_key_value_heads=2, num_experts_per_tok=1),
-    "olmoe-normtopk": lambda: olmoe_config(norm_topk_prob=True, num_experts_per_tok=3),
-    "olmoe-clip": lambda: olmoe_config(clip_qkv=0.4),
-    "qwen2_moe": lambda: qwen2_moe_config(),
-    "qwen2_moe-sparse-step-normtopk": lambda: qwen2_moe_config(mlp_only_layers=[], decoder_sparse_step=2, norm_topk_prob=True),
-    "qwen2_moe-no-gqa-k1": lambda: qwen2_moe_config(num_key_value_heads=4, num_experts_per_tok=1, tie_word_embeddings=True),
-}
+CONFIGS = parity_configs("olmoe", "qwen2_moe")
 
 
 def router_logit_hooks(hf_model) -> tuple[dict[int, torch.Tensor], list]:

@@ -1,4 +1,4 @@
-"""Llama-style causal self-attention: rotary, grouped-query heads, optional bias and q/k norm."""
+"""Llama-style causal self-attention: rotary, grouped-query heads, optional bias, q/k norm and sliding window."""
 
 from __future__ import annotations
 
@@ -19,17 +19,22 @@ class Attention(nn.Module):
 
     Weights in the hub's [out, in] layout: `w_q` [n_heads*d_head, d_model],
     `w_k`/`w_v` [n_kv_heads*d_head, d_model], `w_o` [d_model, n_heads*d_head]; biases
-    `b_q`/`b_k`/`b_v` when `cfg.qkv_bias`; `q_norm`/`k_norm` over the full projected width
-    when `cfg.qk_norm`. TransformerLens-shaped views: `W_Q`, `W_K`, `W_V` [head d_model d_head],
+    `b_q`/`b_k`/`b_v` when `cfg.qkv_bias`, `b_o` when `cfg.o_bias`; `q_norm`/`k_norm` when
+    `cfg.qk_norm`, over the full projected width or, with `cfg.qk_norm_per_head`, over each
+    head's d_head. `sliding_window`: keys further back than that many positions are masked.
+    `sinks` [n_heads] when `cfg.attn_sinks` (gpt-oss): each head's sink logit joins the softmax
+    over the keys (`hook_sinks` [batch head_index query_pos 1]); `hook_pattern` then holds the
+    keys' share only, its rows summing to 1 minus the sink's share. TransformerLens-shaped views: `W_Q`, `W_K`, `W_V` [head d_model d_head],
     `W_O` [head d_head d_model].
 
     When neither `hook_attn_scores` nor `hook_pattern` is hooked, the pattern is not
     materialised: PyTorch's fused scaled-dot-product attention computes the same result.
     """
 
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, sliding_window: int | None = None):
         super().__init__()
         self.cfg = cfg
+        self.sliding_window = sliding_window
         q_width, kv_width = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
         self.w_q = nn.Parameter(torch.empty(q_width, cfg.d_model))
         self.w_k = nn.Parameter(torch.empty(kv_width, cfg.d_model))
@@ -39,10 +44,16 @@ class Attention(nn.Module):
             self.b_q = nn.Parameter(torch.empty(q_width))
             self.b_k = nn.Parameter(torch.empty(kv_width))
             self.b_v = nn.Parameter(torch.empty(kv_width))
+        if cfg.o_bias:
+            self.b_o = nn.Parameter(torch.empty(cfg.d_model))
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(q_width, cfg.eps)
-            self.k_norm = RMSNorm(kv_width, cfg.eps)
-        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta)
+            per_head = cfg.qk_norm_per_head
+            self.q_norm = RMSNorm(cfg.d_head if per_head else q_width, cfg.eps)
+            self.k_norm = RMSNorm(cfg.d_head if per_head else kv_width, cfg.eps)
+        if cfg.attn_sinks:
+            self.sinks = nn.Parameter(torch.empty(cfg.n_heads))
+            self.hook_sinks = MoEHookPoint()  # [batch head_index query_pos 1]
+        self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.rope_yarn)
         self.hook_q = MoEHookPoint()  # [batch pos head_index d_head]
         self.hook_k = MoEHookPoint()  # [batch pos kv_head_index d_head]
         self.hook_v = MoEHookPoint()  # [batch pos kv_head_index d_head]
@@ -70,14 +81,16 @@ class Attention(nn.Module):
 
     def _project(self, x, weight, bias, norm) -> Float[torch.Tensor, "batch pos head d_head"]:
         out = F.linear(x, weight, bias)
-        if norm is not None:
+        if norm is not None and not self.cfg.qk_norm_per_head:
             out = norm(out)
         if self.cfg.clip_qkv is not None:
             out = out.clamp(-self.cfg.clip_qkv, self.cfg.clip_qkv)
-        return out.unflatten(-1, (-1, self.cfg.d_head))
+        out = out.unflatten(-1, (-1, self.cfg.d_head))
+        return norm(out) if norm is not None and self.cfg.qk_norm_per_head else out
 
     def _pattern_is_hooked(self) -> bool:
-        return any(h._forward_hooks or h._backward_hooks for h in (self.hook_attn_scores, self.hook_pattern))
+        """Whether the pattern must be materialised (hooked, or sinks that the fused kernel lacks)."""
+        return self.cfg.attn_sinks or any(h._forward_hooks or h._backward_hooks for h in (self.hook_attn_scores, self.hook_pattern))
 
     def forward(
         self,
@@ -101,11 +114,13 @@ class Attention(nn.Module):
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.cfg.d_head**-0.5)
         z = self.hook_z(z.transpose(1, 2))
-        return F.linear(z.flatten(-2), self.w_o)
+        return F.linear(z.flatten(-2), self.w_o, getattr(self, "b_o", None))
 
-    @staticmethod
-    def _mask(n_pos: int, key_mask, device) -> Bool[torch.Tensor, "batch 1 query_pos key_pos"]:
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()[None, None]
+    def _mask(self, n_pos: int, key_mask, device) -> Bool[torch.Tensor, "batch 1 query_pos key_pos"]:
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()
+        if self.sliding_window is not None:
+            causal = causal.triu(1 - self.sliding_window)  # key j visible iff i - window < j <= i
+        causal = causal[None, None]
         if key_mask is None:
             return causal
         return causal & key_mask[:, None, None, :].bool()
@@ -113,5 +128,10 @@ class Attention(nn.Module):
     def _explicit_attention(self, q, k, v, mask) -> Float[torch.Tensor, "batch head pos d_head"]:
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.cfg.d_head**-0.5)  # in place: no second copy
         scores = self.hook_attn_scores(scores.masked_fill_(~mask, torch.finfo(scores.dtype).min))
-        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        if self.cfg.attn_sinks:
+            sinks = self.hook_sinks(self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1))
+            probs = F.softmax(torch.cat((scores, sinks), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+        else:
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        pattern = self.hook_pattern(probs.to(q.dtype))
         return torch.matmul(pattern, v)

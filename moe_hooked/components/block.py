@@ -21,7 +21,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer = layer
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, cfg.attention_window(layer))
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
         self.mlp = MoEBlock(cfg) if cfg.is_moe_layer(layer) else GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
         self.hook_resid_pre = MoEHookPoint()  # [batch pos d_model]

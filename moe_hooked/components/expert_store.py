@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from moe_hooked.components.experts import Experts
-from moe_hooked.loading.checkpoint import TensorEntry, read_header, read_into
+from moe_hooked.loading.checkpoint import TensorEntry, as_targets, read_header, read_into
 from moe_hooked.loading.errors import CheckpointError
 from moe_hooked.loading.llama_like import Target
 
@@ -338,7 +338,7 @@ def _file_state(path: Path) -> tuple[int, int]:
 
 
 def offload_experts(
-    model: torch.nn.Module, files: Sequence[Path], weight_map: dict[str, Target], budget_bytes: int
+    model: torch.nn.Module, files: Sequence[Path], weight_map: dict[str, Target | tuple[Target, ...]], budget_bytes: int
 ) -> tuple[ExpertStore, set[str]]:
     """Attach one `ExpertStore` to every `Experts` module of `model` (still on the meta device)
     and drop their stacked weights; returns the store and the hub keys it reads (not to be loaded now).
@@ -348,11 +348,12 @@ def offload_experts(
     """
     modules = {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
     by_key = {}
-    for key, target in weight_map.items():
+    for key, targets in weight_map.items():
+        target = as_targets(targets)[0]
         module, _, param = target.param.rpartition(".")
         if module not in modules:
             continue
-        if target.expert is None:
+        if target.expert is None or len(as_targets(targets)) > 1:
             raise CheckpointError(
                 f"expert_memory needs one checkpoint tensor per routed expert, but '{key}' holds all experts "
                 f"of {module}.{param}: this checkpoint cannot be streamed per expert; load it without expert_memory"

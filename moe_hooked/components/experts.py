@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
-from moe_hooked.components.mlp import activation
+from moe_hooked.components.mlp import activation, clamped_swiglu
 from moe_hooked.config import MoEConfig
 
 if TYPE_CHECKING:  # the store builds on Experts, not the other way round
@@ -22,14 +22,18 @@ class Experts(nn.Module):
     """`n_experts` SwiGLU experts stored stacked.
 
     `W_gate`, `W_up` [n_experts, d_expert, d_model], `W_down` [n_experts, d_model, d_expert]
-    (per expert the hub's [out, in] layout).
+    (per expert the hub's [out, in] layout); with `cfg.expert_bias` also `b_gate`, `b_up`
+    [n_experts, d_expert] and `b_down` [n_experts, d_model]. The hidden state is act(gate) * up,
+    or gpt-oss's clamped SwiGLU when `cfg.swiglu_limit` is set.
 
     Offloaded (`offload`), the stacked weights are gone and `weights(e)` comes from an
     `ExpertStore`, which reads each selected expert from the checkpoint on demand.
     """
 
     PARAMS = ("W_gate", "W_up", "W_down")
-    """The stacked per-expert parameters, each [n_experts, ...]."""
+    """The stacked per-expert weight matrices, each [n_experts, ...]."""
+    BIASES = ("b_gate", "b_up", "b_down")
+    """Their biases, present when `cfg.expert_bias` (gpt-oss)."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -38,16 +42,25 @@ class Experts(nn.Module):
         self.W_gate = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert, cfg.d_model))
         self.W_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert, cfg.d_model))
         self.W_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_expert))
+        if cfg.expert_bias:
+            self.b_gate = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert))
+            self.b_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert))
+            self.b_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         self.store: ExpertStore | None = None
         self.store_name = ""
 
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The stacked per-expert parameters of this model, each [n_experts, ...]."""
+        return self.PARAMS + (self.BIASES if self.cfg.expert_bias else ())
+
     def expert_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of one expert's slice of each stacked parameter, e.g. {"W_gate": (d_expert, d_model)}."""
-        return {name: tuple(getattr(self, name).shape[1:]) for name in self.PARAMS}
+        return {name: tuple(getattr(self, name).shape[1:]) for name in self.param_names}
 
     def offload(self, store: ExpertStore, name: str) -> None:
         """Drop the stacked weights; read them from `store` (under this module's `name`) instead."""
-        for param in self.PARAMS:
+        for param in self.param_names:
             delattr(self, param)
         self.store, self.store_name = store, name
 
@@ -56,13 +69,18 @@ class Experts(nn.Module):
         must be resident, as it is inside `forward`)."""
         if self.store is not None:
             return self.store.weights(self.store_name, e)
-        return {name: getattr(self, name)[e] for name in self.PARAMS}
+        return {name: getattr(self, name)[e] for name in self.param_names}
 
     def expert(self, e: int, x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_model"]:
         """Expert `e` applied to the rows of `x`."""
         w = self.weights(e)
-        hidden = self.act(F.linear(x, w["W_gate"])) * F.linear(x, w["W_up"])
-        return F.linear(hidden, w["W_down"])
+        gate = F.linear(x, w["W_gate"], w.get("b_gate"))
+        up = F.linear(x, w["W_up"], w.get("b_up"))
+        if self.cfg.swiglu_limit is None:
+            hidden = self.act(gate) * up
+        else:
+            hidden = clamped_swiglu(gate, up, self.cfg.swiglu_limit, self.cfg.swiglu_alpha)
+        return F.linear(hidden, w["W_down"], w.get("b_down"))
 
     def forward(
         self,

@@ -19,6 +19,16 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+def clamped_swiglu(
+    gate: Float[torch.Tensor, "... d"], up: Float[torch.Tensor, "... d"], limit: float, alpha: float
+) -> Float[torch.Tensor, "... d"]:
+    """gpt-oss's SwiGLU: with g = min(gate, limit) and u = clamp(up, -limit, limit),
+    (u + 1) * g * sigmoid(alpha * g)."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 class GatedMLP(nn.Module):
     """down(act(x W_gate^T) * (x W_up^T)).
 

@@ -11,7 +11,8 @@ from moe_hooked.config import MoEConfig
 
 
 class Router(nn.Module):
-    """Linear router `weight` [n_experts, d_model] (the hub's `mlp.gate.weight`).
+    """Linear router `weight` [n_experts, d_model] (the hub's `mlp.gate.weight`), and `bias`
+    [n_experts] when `cfg.router_bias` (gpt-oss).
 
     The three steps are separate methods so that the MoE block can put a hook point
     between each: editing the logits changes the probabilities, editing the
@@ -22,9 +23,11 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        if cfg.router_bias:
+            self.bias = nn.Parameter(torch.empty(cfg.n_experts))
 
     def logits(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... n_experts"]:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, getattr(self, "bias", None))
 
     def probs(self, logits: Float[torch.Tensor, "... n_experts"]) -> Float[torch.Tensor, "... n_experts"]:
         """Softmax in float32 or in the logits' dtype, as `cfg.router_dtype` says."""

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import torch
+from moe_hooked.loading import mxfp4
 from moe_hooked.loading.errors import CheckpointError
-from moe_hooked.loading.llama_like import Target
+from moe_hooked.loading.llama_like import Target, as_targets
 
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.*"]
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -215,9 +216,78 @@ def read_into(f: BinaryIO, entry: TensorEntry, dest: torch.Tensor) -> None:
     if dest.device.type == "cpu" and dest.dtype == entry.dtype and dest.is_contiguous():
         _read_exactly(f, entry, dest.view(-1).view(torch.uint8))
         return
+    dest.copy_(read_tensor(f, entry))
+
+
+def read_tensor(f: BinaryIO, entry: TensorEntry) -> torch.Tensor:
+    """One tensor of an open file, as stored (its own buffer)."""
+    f.seek(entry.start)
     buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
     _read_exactly(f, entry, buffer)
-    dest.copy_(buffer.view(entry.dtype).view(entry.shape))
+    return buffer.view(entry.dtype).view(entry.shape)
+
+
+class HubTensor(NamedTuple):
+    """One logical tensor of a checkpoint: its file and entry. An MXFP4 tensor `X`, stored as
+    `X_blocks` and `X_scales`, has `entry` = the blocks and `scales` = (file, entry) of the scales."""
+
+    path: Path
+    entry: TensorEntry
+    scales: tuple[Path, TensorEntry] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape if self.scales is None else mxfp4.dequantized_shape(self.entry.shape)
+
+    @property
+    def readable(self) -> bool:
+        return self.entry.dtype is not None and (self.scales is None or self.scales[1].dtype is not None)
+
+
+def index_tensors(files: list[Path]) -> dict[str, HubTensor]:
+    """Every logical tensor of the checkpoint by hub key, in file order; MXFP4 pairs
+    `X_blocks` + `X_scales` appear once, as `X`."""
+    entries = {key: (path, entry) for path in files for key, entry in read_header(path).items()}
+    index = {}
+    for key, (path, entry) in entries.items():
+        base = key.removesuffix(mxfp4.BLOCKS_SUFFIX).removesuffix(mxfp4.SCALES_SUFFIX)
+        scales = entries.get(base + mxfp4.SCALES_SUFFIX)
+        if key == base + mxfp4.BLOCKS_SUFFIX and scales is not None:
+            index[base] = HubTensor(path, entry, scales)
+        elif key != base + mxfp4.SCALES_SUFFIX or base + mxfp4.BLOCKS_SUFFIX not in entries:
+            index[key] = HubTensor(path, entry)
+    return index
+
+
+def hub_view(target: Target, hub: torch.Tensor) -> torch.Tensor:
+    """The part of hub tensor `hub` that `target` fills, in our layout (a view)."""
+    if target.interleave is not None:
+        offset, step = target.interleave
+        hub = hub[..., offset::step]
+    return hub.transpose(-1, -2) if target.transpose else hub
+
+
+def target_shape(target: Target, hub_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(hub_view(target, torch.empty(hub_shape, device="meta")).shape)
+
+
+def read_target(tensor: HubTensor, target: Target, dest: torch.Tensor) -> None:
+    """Fill `dest` (our parameter, or one expert of it) from a hub tensor through `target`'s
+    view: the one per-tensor read path (plain, de-interleaved/transposed, MXFP4-dequantized)."""
+    with open(tensor.path, "rb") as f:
+        if tensor.scales is None and target.interleave is None and not target.transpose:
+            read_into(f, tensor.entry, dest)
+            return
+        hub = read_tensor(f, tensor.entry)
+    if tensor.scales is not None:
+        with open(tensor.scales[0], "rb") as f:
+            hub = mxfp4.dequantize(hub, read_tensor(f, tensor.scales[1]))
+    dest.copy_(hub_view(target, hub))
+
+
+def param_view(params: dict[str, torch.Tensor], target: Target) -> torch.Tensor:
+    """The parameter (or its expert) that `target` names."""
+    return params[target.param] if target.expert is None else params[target.param][target.expert]
 
 
 def _read_exactly(f: BinaryIO, entry: TensorEntry, dest: torch.Tensor) -> None:
@@ -233,7 +303,7 @@ def _read_exactly(f: BinaryIO, entry: TensorEntry, dest: torch.Tensor) -> None:
 def stream_weights(
     model: torch.nn.Module,
     files: list[Path],
-    names: dict[str, Target],
+    names: dict[str, Target | tuple[Target, ...]],
     offloaded: Collection[str] = frozenset(),
     check_finite: bool = False,
 ) -> None:
@@ -247,25 +317,23 @@ def stream_weights(
     """
     params = dict(model.named_parameters())
     seen, unexpected, misshapen, nonfinite = set(), [], [], []
-    for path in files:
-        entries = read_header(path)
-        with open(path, "rb") as f, torch.no_grad():
-            for key, entry in entries.items():
-                target = names.get(key)
-                if target is None:
-                    if not key.endswith(IGNORED_SUFFIXES):
-                        unexpected.append(f"{key} (in {path.name})")
+    with torch.no_grad():
+        for key, tensor in index_tensors(files).items():
+            if key not in names:
+                if not key.endswith(IGNORED_SUFFIXES):
+                    unexpected.append(f"{key} (in {tensor.path.name})")
+                continue
+            seen.add(key)
+            if key in offloaded:
+                continue
+            for target in as_targets(names[key]):
+                dest = param_view(params, target)
+                if tuple(dest.shape) != target_shape(target, tensor.shape) or not tensor.readable:
+                    misshapen.append(f"{key}: {tensor.shape}, expected {tuple(dest.shape)} for {target.param}")
                     continue
-                seen.add(key)
-                if key in offloaded:
-                    continue
-                dest = params[target.param] if target.expert is None else params[target.param][target.expert]
-                if dest.shape != entry.shape:
-                    misshapen.append(f"{key}: {entry.shape}, expected {tuple(dest.shape)}")
-                    continue
-                read_into(f, entry, dest)
+                read_target(tensor, target, dest)
                 if check_finite and not bool(torch.isfinite(dest).all()):
-                    nonfinite.append(f"{key} (in {path.name})")
+                    nonfinite.append(f"{key} (in {tensor.path.name})")
     _raise_problems(files[0].parent, sorted(names.keys() - seen), unexpected, misshapen)
     if nonfinite:
         raise CheckpointError(

@@ -123,5 +123,9 @@ def config_from_hf(raw: dict) -> MoEConfig:
     )
 
 
+SHARED_EXPERT_WEIGHTS = llama_like.swiglu_names("mlp.shared_experts.", "mlp.shared_expert.")
+
+
 def weight_names(cfg: MoEConfig) -> dict[str, llama_like.Target]:
-    return llama_like.weight_names(cfg, shared_expert="shared_experts" if cfg.d_shared_expert else None)
+    shared = SHARED_EXPERT_WEIGHTS if cfg.d_shared_expert else {}
+    return llama_like.weight_names(cfg, llama_like.PER_EXPERT_SWIGLU | shared)

@@ -1,8 +1,8 @@
 """Write a `HookedMoETransformer` as a checkpoint folder in its family's Hugging Face hub layout.
 
 The inverse of loading: each family's `weight_names(cfg)` sends hub keys to our parameters
-(and, for stacked experts, an expert index); saving walks the same map backwards, writing one
-tensor per expert. Loading the folder back gives the same parameters, hence the same logits.
+(and, for stacked experts, an expert index, or a view of a fused tensor); saving walks the same
+map backwards, writing each hub tensor through the same views. Loading the folder back gives the same parameters, hence the same logits.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 
 from moe_hooked.config import MoEConfig
 from moe_hooked.loading import family
+from moe_hooked.loading.checkpoint import hub_view, param_view
+from moe_hooked.loading.llama_like import Target, as_targets
 
 if TYPE_CHECKING:
     from moe_hooked.model import HookedMoETransformer
@@ -54,11 +56,20 @@ def hub_state_dict(model: HookedMoETransformer, hf_config: dict) -> dict[str, to
             "embedding: save it with tie_word_embeddings=false"
         )
     params = dict(model.named_parameters())
-    tensors = {}
-    for key, target in family(hf_config).weight_names(cfg).items():
-        tensor = params[target.param] if target.expert is None else params[target.param][target.expert]
-        tensors[key] = tensor.detach().to("cpu", copy=True).contiguous()
-    return tensors
+    return {key: _hub_tensor(params, as_targets(value)) for key, value in family(hf_config).weight_names(cfg).items()}
+
+
+def _hub_tensor(params: dict[str, torch.Tensor], targets: tuple[Target, ...]) -> torch.Tensor:
+    """One hub tensor assembled from the parameters its targets fill, through the same views as loading."""
+    first = param_view(params, targets[0]).detach()
+    if len(targets) == 1 and targets[0].interleave is None and not targets[0].transpose:
+        return first.to("cpu", copy=True).contiguous()
+    shape = list(first.shape[:-2]) + list(first.shape[-2:][:: -1 if targets[0].transpose else 1])
+    shape[-1] *= targets[0].interleave[1] if targets[0].interleave else 1
+    hub = torch.empty(shape, dtype=first.dtype)
+    for target in targets:
+        hub_view(target, hub).copy_(param_view(params, target).detach())
+    return hub
 
 
 def save_hub_checkpoint(model: HookedMoETransformer, folder: str | Path, hf_config: dict) -> Path:

@@ -1,27 +1,59 @@
-"""Hub tensor names shared by the Llama-derived MoE families (OLMoE, Qwen-MoE, DeepSeekMoE).
+"""Hub tensor names shared by the Llama-derived MoE families (attention, norms, dense MLPs).
 
 A weight map sends each hub key to a `Target`: a parameter of `HookedMoETransformer`
-and, for stacked expert weights, the expert index to fill.
+and, for stacked expert weights, the expert index to fill. What differs between families
+(how a MoE layer names its router and experts) is data of each family module, passed in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
+from moe_hooked.components.rotary import YARN_KEYS
 from moe_hooked.config import MoEConfig
 from moe_hooked.loading.errors import UnsupportedArchitectureError
 
 class Target(NamedTuple):
+    """Where (part of) one hub tensor goes: parameter `param`, its expert `expert` if set.
+
+    `interleave` (offset, step) takes every step-th column of the hub tensor's last dim from
+    `offset` (gpt-oss's fused gate_up_proj: gate (0, 2), up (1, 2)); `transpose` swaps the
+    last two dims (hub tensors stored [in, out]). Both are views, so exporting writes back
+    through the same view (`checkpoint.hub_view`).
+    """
+
     param: str
     expert: int | None = None
+    interleave: tuple[int, int] | None = None
+    transpose: bool = False
 
 
-def weight_names(cfg: MoEConfig, shared_expert: str | None = None, shared_gate: str | None = None) -> dict[str, Target]:
+WeightMap = Mapping[str, "Target | tuple[Target, ...]"]
+"""Hub names under a layer's prefix (`model.layers.{l}.`) -> our names under `blocks.{l}.`
+(a tuple when one hub tensor fills several parameters). A `{e}` in a hub name stands for
+each routed-expert index: the target then fills that expert of its stacked parameter."""
+
+PER_EXPERT_SWIGLU: WeightMap = {
+    "mlp.gate.weight": Target("mlp.router.weight"),
+    "mlp.experts.{e}.gate_proj.weight": Target("mlp.experts.W_gate"),
+    "mlp.experts.{e}.up_proj.weight": Target("mlp.experts.W_up"),
+    "mlp.experts.{e}.down_proj.weight": Target("mlp.experts.W_down"),
+}
+"""The router and routed experts as OLMoE, Qwen-MoE and DeepSeekMoE name them: one
+`{gate,up,down}_proj` per expert under `mlp.experts.{e}`, the router `mlp.gate`."""
+
+
+def swiglu_names(hub: str, ours: str) -> dict[str, Target]:
+    """A dense SwiGLU MLP `{hub}{gate,up,down}_proj.weight` -> `{ours}w_{gate,up,down}`."""
+    return {f"{hub}{proj}_proj.weight": Target(f"{ours}w_{proj}") for proj in ("gate", "up", "down")}
+
+
+def weight_names(cfg: MoEConfig, moe: WeightMap) -> dict[str, Target | tuple[Target, ...]]:
     """Every hub key a checkpoint of this architecture holds, mapped to its destination.
 
-    `shared_expert` is the hub's name of the shared-expert MLP under `mlp.` (e.g.
-    "shared_expert" or "shared_experts"); `shared_gate` the name of its gate linear.
+    `moe` is the family's map of a MoE layer's MLP weights (router, experts, shared expert);
+    attention, norms and the dense MLP of non-MoE layers are named alike in every family.
     """
     names = {
         "model.embed_tokens.weight": Target("embed.W_E"),
@@ -30,11 +62,11 @@ def weight_names(cfg: MoEConfig, shared_expert: str | None = None, shared_gate: 
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = Target("unembed.weight")
     for layer in range(cfg.n_layers):
-        names |= _block_names(cfg, layer, shared_expert, shared_gate)
+        names |= _block_names(cfg, layer, moe)
     return names
 
 
-def _block_names(cfg: MoEConfig, layer: int, shared_expert: str | None, shared_gate: str | None) -> dict[str, Target]:
+def _block_names(cfg: MoEConfig, layer: int, moe: WeightMap) -> dict[str, Target | tuple[Target, ...]]:
     hub, ours = f"model.layers.{layer}.", f"blocks.{layer}."
     names = {
         hub + "input_layernorm.weight": Target(ours + "ln1.w"),
@@ -45,24 +77,26 @@ def _block_names(cfg: MoEConfig, layer: int, shared_expert: str | None, shared_g
     if cfg.qkv_bias:
         for proj in "qkv":
             names[f"{hub}self_attn.{proj}_proj.bias"] = Target(f"{ours}attn.b_{proj}")
+    if cfg.o_bias:
+        names[f"{hub}self_attn.o_proj.bias"] = Target(f"{ours}attn.b_o")
+    if cfg.attn_sinks:
+        names[f"{hub}self_attn.sinks"] = Target(f"{ours}attn.sinks")
     if cfg.qk_norm:
         for proj in "qk":
             names[f"{hub}self_attn.{proj}_norm.weight"] = Target(f"{ours}attn.{proj}_norm.w")
     if not cfg.is_moe_layer(layer):
-        return names | _mlp_names(hub + "mlp.", ours + "mlp.")
-    names[hub + "mlp.gate.weight"] = Target(ours + "mlp.router.weight")
-    for expert in range(cfg.n_experts):
-        for proj, param in (("gate", "W_gate"), ("up", "W_up"), ("down", "W_down")):
-            names[f"{hub}mlp.experts.{expert}.{proj}_proj.weight"] = Target(f"{ours}mlp.experts.{param}", expert)
-    if shared_expert:
-        names |= _mlp_names(f"{hub}mlp.{shared_expert}.", ours + "mlp.shared_expert.")
-    if shared_gate:
-        names[f"{hub}mlp.{shared_gate}.weight"] = Target(ours + "mlp.w_shared_gate")
+        return names | swiglu_names(hub + "mlp.", ours + "mlp.")
+    for hub_name, targets in moe.items():
+        experts = range(cfg.n_experts) if "{e}" in hub_name else [None]
+        for expert in experts:
+            placed = tuple(t._replace(param=ours + t.param, expert=expert) for t in as_targets(targets))
+            names[hub + hub_name.format(e=expert)] = placed if len(placed) > 1 else placed[0]
     return names
 
 
-def _mlp_names(hub: str, ours: str) -> dict[str, Target]:
-    return {f"{hub}{proj}_proj.weight": Target(f"{ours}w_{proj}") for proj in ("gate", "up", "down")}
+def as_targets(value: Target | tuple[Target, ...]) -> tuple[Target, ...]:
+    """The targets of one weight-map entry (a single `Target` or a tuple of them)."""
+    return (value,) if isinstance(value, Target) else tuple(value)
 
 
 def common_fields(hf: Mapping) -> dict:
@@ -79,7 +113,7 @@ def common_fields(hf: Mapping) -> dict:
         d_head=hf.get("head_dim") or hf["hidden_size"] // heads,
         d_vocab=hf["vocab_size"],
         n_ctx=hf["max_position_embeddings"],
-        rope_theta=rope_theta(hf),
+        **rope_fields(hf),
         eps=hf["rms_norm_eps"],
         tie_word_embeddings=hf["tie_word_embeddings"],
         act_fn=hf["hidden_act"],
@@ -89,10 +123,32 @@ def common_fields(hf: Mapping) -> dict:
     )
 
 
-def rope_theta(hf: Mapping) -> float:
-    """RoPE base of a config dict; only plain (unscaled) RoPE is supported."""
-    params = hf.get("rope_parameters") or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise UnsupportedArchitectureError(f"RoPE scaling '{rope_type}' is not supported yet; only plain RoPE is")
-    return float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+def sliding_window_fields(window: int | None, layers: Iterable[int]) -> dict:
+    """`sliding_window` and `sliding_window_layers` for a window (None: none) on `layers`."""
+    return dict(sliding_window=window, sliding_window_layers=tuple(layers) if window else ())
+
+
+def rope_fields(hf: Mapping) -> dict:
+    """`rope_theta` and `rope_yarn` of a config dict: plain RoPE or YaRN, nothing else.
+
+    Raises `UnsupportedArchitectureError` naming any other RoPE scaling type, or a YaRN
+    parameter `RotaryEmbedding` does not read.
+    """
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    if rope_type == "default":
+        return dict(rope_theta=theta)
+    if rope_type != "yarn":
+        raise UnsupportedArchitectureError(
+            f"RoPE scaling '{rope_type}' (rope_type in config.json's rope_parameters) is not supported: "
+            "moe_hooked implements plain RoPE and 'yarn'"
+        )
+    unknown = sorted(params.keys() - YARN_KEYS - {"type"})
+    if unknown:
+        raise UnsupportedArchitectureError(f"YaRN RoPE parameters {unknown} are not supported (known: {sorted(YARN_KEYS)})")
+    yarn = {key: params[key] for key in sorted(YARN_KEYS - {"rope_type", "rope_theta"}) if key in params}
+    yarn.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+    if yarn.get("factor") is None:
+        yarn["factor"] = hf["max_position_embeddings"] / yarn["original_max_position_embeddings"]
+    return dict(rope_theta=theta, rope_yarn=yarn)

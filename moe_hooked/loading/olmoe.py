@@ -36,5 +36,8 @@ def config_from_hf(raw: dict) -> MoEConfig:
     )
 
 
+MOE_WEIGHTS = llama_like.PER_EXPERT_SWIGLU
+
+
 def weight_names(cfg: MoEConfig) -> dict[str, llama_like.Target]:
-    return llama_like.weight_names(cfg)
+    return llama_like.weight_names(cfg, MOE_WEIGHTS)

@@ -17,7 +17,8 @@ MODEL_TYPE = "qwen2_moe"
 PREPENDS_BOS = False
 
 
-def _moe_layers(hf: Qwen2MoeConfig) -> tuple[int, ...]:
+def moe_layers(hf: Qwen2MoeConfig) -> tuple[int, ...]:
+    """The MoE layers of a Qwen-MoE config (also Qwen3-MoE): not in `mlp_only_layers`, every `decoder_sparse_step`-th."""
     return tuple(
         layer
         for layer in range(hf.num_hidden_layers)
@@ -35,7 +36,7 @@ def config_from_hf(raw: dict) -> MoEConfig:
         n_experts=hf.num_experts,
         top_k=hf.num_experts_per_tok,
         d_expert=hf.moe_intermediate_size,
-        moe_layers=_moe_layers(hf),
+        moe_layers=moe_layers(hf),
         d_mlp=hf.intermediate_size,
         norm_topk_prob=hf.norm_topk_prob,
         router_dtype="float32",
@@ -47,8 +48,11 @@ def config_from_hf(raw: dict) -> MoEConfig:
     )
 
 
+SHARED_EXPERT_WEIGHTS = llama_like.swiglu_names("mlp.shared_expert.", "mlp.shared_expert.") | {
+    "mlp.shared_expert_gate.weight": llama_like.Target("mlp.w_shared_gate")
+}
+
+
 def weight_names(cfg: MoEConfig) -> dict[str, llama_like.Target]:
-    gated = cfg.shared_expert_gated
-    return llama_like.weight_names(
-        cfg, shared_expert="shared_expert" if cfg.d_shared_expert else None, shared_gate="shared_expert_gate" if gated else None
-    )
+    shared = SHARED_EXPERT_WEIGHTS if cfg.d_shared_expert else {}
+    return llama_like.weight_names(cfg, llama_like.PER_EXPERT_SWIGLU | shared)

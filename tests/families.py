@@ -1,0 +1,116 @@
+"""Every supported checkpoint family: how to build a tiny random reference model, and its parity configs.
+
+`FAMILIES[name]` is a `Family`: `configs` maps a config name to a function returning a tiny
+config (a transformers config, or a config.json dict for families transformers lacks),
+`build(config, seed)` builds the reference model, `save(reference, config, folder)` writes
+it in the family's hub layout. `tests/test_all_families.py` runs the hook table,
+interventions, lenses and analyses on the first config of each family, so a family added
+here gets all of them; its parity tests pick the configs they need by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from deepseek_reference import build_reference, deepseek_config, write_checkpoint
+from hf_models import BASE, build_hf, olmoe_config, qwen2_moe_config, save_hf
+from tiny import tiny_tokenizer
+from transformers import GptOssConfig, MixtralConfig, Qwen3MoeConfig
+
+from moe_hooked import HookedMoETransformer
+
+
+@dataclass(frozen=True)
+class Family:
+    configs: Mapping[str, Callable[[], object]]
+    build: Callable[[object, int], torch.nn.Module] = build_hf
+    save: Callable[[torch.nn.Module, object, Path], Path] = lambda reference, config, folder: save_hf(reference, folder)
+    hf_parity: bool = True
+    """The reference is a transformers model (with `output_router_logits` and `attention_mask`)."""
+
+
+def qwen3_moe_config(**overrides) -> Qwen3MoeConfig:
+    kwargs = BASE | dict(
+        num_key_value_heads=2, head_dim=6, intermediate_size=40, moe_intermediate_size=14,
+        num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1],
+    )
+    return Qwen3MoeConfig(**(kwargs | overrides))
+
+
+def mixtral_config(**overrides) -> MixtralConfig:
+    kwargs = BASE | dict(num_key_value_heads=2, intermediate_size=18, num_local_experts=5, num_experts_per_tok=2)
+    return MixtralConfig(**(kwargs | overrides))
+
+
+def gpt_oss_config(**overrides) -> GptOssConfig:
+    """A tiny gpt-oss: sliding and full layers, YaRN, a SwiGLU limit small enough to clamp these activations."""
+    yarn = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": False, "original_max_position_embeddings": 16}
+    kwargs = BASE | dict(
+        num_key_value_heads=2, head_dim=6, intermediate_size=10, num_local_experts=5, num_experts_per_tok=2,
+        sliding_window=4, rope_parameters=yarn, swiglu_limit=0.15,
+    )
+    return GptOssConfig(**(kwargs | overrides))
+
+
+FAMILIES: dict[str, Family] = {
+    "olmoe": Family({
+        "olmoe": lambda: olmoe_config(),
+        "olmoe-gqa-k1": lambda: olmoe_config(num_key_value_heads=2, num_experts_per_tok=1),
+        "olmoe-normtopk": lambda: olmoe_config(norm_topk_prob=True, num_experts_per_tok=3),
+        "olmoe-clip": lambda: olmoe_config(clip_qkv=0.4),
+    }),
+    "qwen2_moe": Family({
+        "qwen2_moe": lambda: qwen2_moe_config(),
+        "qwen2_moe-sparse-step-normtopk": lambda: qwen2_moe_config(mlp_only_layers=[], decoder_sparse_step=2, norm_topk_prob=True),
+        "qwen2_moe-no-gqa-k1": lambda: qwen2_moe_config(num_key_value_heads=4, num_experts_per_tok=1, tie_word_embeddings=True),
+    }),
+    "deepseek": Family(
+        {"deepseek": lambda: deepseek_config()},
+        build=lambda config, seed: build_reference(config, seed),
+        save=lambda reference, config, folder: write_checkpoint(reference, config, folder),
+        hf_parity=False,
+    ),
+    "qwen3_moe": Family({
+        "qwen3_moe": lambda: qwen3_moe_config(),
+        "qwen3_moe-normtopk-k3-bias": lambda: qwen3_moe_config(norm_topk_prob=True, num_experts_per_tok=3, attention_bias=True),
+        "qwen3_moe-k1-sparse-step": lambda: qwen3_moe_config(num_experts_per_tok=1, mlp_only_layers=[], decoder_sparse_step=2),
+        "qwen3_moe-no-gqa-window": lambda: qwen3_moe_config(num_key_value_heads=4, use_sliding_window=True, sliding_window=5),
+    }),
+    "mixtral": Family({
+        "mixtral": lambda: mixtral_config(),
+        "mixtral-window": lambda: mixtral_config(sliding_window=4),
+        "mixtral-k1-no-gqa": lambda: mixtral_config(num_experts_per_tok=1, num_key_value_heads=4),
+        "mixtral-k3-tied": lambda: mixtral_config(num_experts_per_tok=3, tie_word_embeddings=True),
+    }),
+    "gpt_oss": Family({
+        "gpt_oss": lambda: gpt_oss_config(),
+        "gpt_oss-k1-alpha": lambda: gpt_oss_config(num_experts_per_tok=1, swiglu_alpha=0.9, swiglu_limit=0.08),
+        "gpt_oss-k3-no-gqa-full": lambda: gpt_oss_config(
+            num_experts_per_tok=3, num_key_value_heads=4, layer_types=["full_attention"] * 3),
+        "gpt_oss-window-all": lambda: gpt_oss_config(sliding_window=6, layer_types=["sliding_attention"] * 3),
+    }),
+}
+
+
+def parity_configs(*families: str) -> dict[str, Callable[[], object]]:
+    """The named parity configs of `families` (all of them when none are given)."""
+    return {name: make for family in families or FAMILIES for name, make in FAMILIES[family].configs.items()}
+
+
+def build_and_save(config_name: str, folder: Path, seed: int = 0) -> tuple[torch.nn.Module, Path]:
+    """The reference model of the named config, and the folder it was saved to."""
+    family = next(f for f in FAMILIES.values() if config_name in f.configs)
+    config = family.configs[config_name]()
+    reference = family.build(config, seed)
+    return reference, family.save(reference, config, folder)
+
+
+def tiny_hooked(family: str, folder: Path, seed: int = 0) -> HookedMoETransformer:
+    """The first config of `family`, saved into `folder` with `tiny.tiny_tokenizer` and loaded hooked."""
+    _, saved = build_and_save(next(iter(FAMILIES[family].configs)), folder, seed)
+    tiny_tokenizer(97).save_pretrained(str(saved))
+    return HookedMoETransformer.from_pretrained(saved)

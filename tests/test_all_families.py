@@ -1,0 +1,96 @@
+"""Everything works on every family of `tests/families.py`: the hook table and its invariants,
+interventions, lenses, corpus analyses and the report. A family added to the registry gets
+these tests for free; parity with each family's reference lives in the parity tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from families import FAMILIES, tiny_hooked
+from tiny import TRAIN_TEXTS
+
+from moe_hooked.analysis import perplexity_vs_top_k, routing_stats
+from moe_hooked.interventions import ablate_experts, keep_top_k, patch_expert_outputs, route_to
+from moe_hooked.lens import expert_lens, logit_lens, topk_cosine
+from moe_hooked.report import build_report
+
+CORPORA = {"prose": TRAIN_TEXTS[:2] + TRAIN_TEXTS[3:4], "code": TRAIN_TEXTS[2:3] + TRAIN_TEXTS[4:]}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_model(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    return folder, tiny_hooked(request.param, folder)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def test_hook_table_shapes_and_invariants(family_model, tokens):
+    _, model = family_model
+    cfg = model.cfg
+    _, cache = model.run_with_cache(tokens)
+    batch, pos, k, heads = 2, 11, cfg.top_k, cfg.n_heads
+    for layer in range(cfg.n_layers):
+        assert cache["pattern", layer].shape == (batch, heads, pos, pos)
+        assert cache["q", layer].shape == (batch, pos, heads, cfg.d_head)
+        assert cache["k", layer].shape == (batch, pos, cfg.n_key_value_heads, cfg.d_head)
+        assert torch.allclose(cache["resid_mid", layer] + cache["mlp_out", layer], cache["resid_post", layer], atol=1e-6)
+    for layer in cfg.moe_layers:
+        assert cache["router_logits", layer].shape == cache["router_probs", layer].shape == (batch, pos, cfg.n_experts)
+        assert cache["topk_indices", layer].shape == cache["topk_weights", layer].shape == (batch, pos, k)
+        expert_out = cache["expert_out", layer]
+        assert expert_out.shape == (batch, pos, k, cfg.d_model)
+        routed = (cache["topk_weights", layer][..., None] * expert_out).sum(-2)
+        assert torch.allclose(routed, cache["routed_out", layer], atol=1e-6)
+        shared = cache["shared_out", layer] if cfg.d_shared_expert else 0
+        assert torch.allclose(cache["routed_out", layer] + shared, cache["mlp_out", layer], atol=1e-6)
+        # the selection is the top-k of the router probabilities
+        top = cache["router_probs", layer].topk(k, dim=-1).indices
+        assert torch.equal(top.sort(-1).values, cache["topk_indices", layer].sort(-1).values)
+
+
+def test_interventions(family_model, tokens):
+    _, model = family_model
+    layer = model.cfg.moe_layers[-1]
+    names = lambda name: name.endswith(("topk_indices", "topk_weights", "expert_out"))  # noqa: E731
+    with model.hooks(fwd_hooks=ablate_experts(model, {layer: [0, 1]}, mode="reroute")):
+        _, rerouted = model.run_with_cache(tokens, names_filter=names)
+    assert not torch.isin(rerouted["topk_indices", layer], torch.tensor([0, 1])).any()
+    with model.hooks(fwd_hooks=route_to(model, layer, [2])):
+        _, forced = model.run_with_cache(tokens, names_filter=names)
+    assert (forced["topk_indices", layer][..., 0] == 2).all()
+    with model.hooks(fwd_hooks=keep_top_k(model, 1)):
+        _, top1 = model.run_with_cache(tokens, names_filter=names)
+    for moe_layer in model.cfg.moe_layers:
+        assert (top1["topk_weights", moe_layer][..., 1:] == 0).all()
+    clean_logits, clean = model.run_with_cache(tokens)
+    other = tokens.flip(-1)
+    with model.hooks(fwd_hooks=patch_expert_outputs(model, clean, layers=[layer], match="slot")):
+        _, patched = model.run_with_cache(other, names_filter=names)
+    assert torch.equal(patched["expert_out", layer], clean["expert_out", layer])
+    zeroed = model.run_with_hooks(tokens, fwd_hooks=ablate_experts(model, {layer: [0]}))
+    assert not torch.allclose(zeroed, clean_logits)
+
+
+def test_lenses(family_model, tokens):
+    _, model = family_model
+    _, cache = model.run_with_cache(tokens)
+    assert len(logit_lens(model, cache, top=3)) == 3 * (model.cfg.n_layers + 1)
+    lens = expert_lens(model, cache, top=2)
+    assert set(lens["layer"]) == set(model.cfg.moe_layers)
+    cosine = topk_cosine(model, CORPORA, max_length=16, progress=False)
+    assert cosine["cosine"].between(-1 - 1e-6, 1 + 1e-6).all()
+
+
+def test_corpus_analyses_and_report(family_model, tmp_path):
+    folder, model = family_model
+    counts = routing_stats(model, CORPORA, max_length=16, progress=False)
+    assert counts.counts.shape == (2, len(model.cfg.moe_layers), model.cfg.n_experts)
+    assert (counts.counts.sum(-1) == counts.tokens * model.cfg.top_k).all()
+    ppl = perplexity_vs_top_k(model, CORPORA, max_length=16, progress=False)
+    assert set(ppl["k"]) == set(range(1, model.cfg.top_k + 1))
+    out = build_report(str(folder), CORPORA, tmp_path / "report", max_tokens=16, progress=False)
+    assert (out / "index.html").is_file()
