@@ -15,6 +15,9 @@ from typing import Literal
 import torch
 
 RouterDtype = Literal["float32", "model"]
+RouterScoring = Literal["softmax", "sigmoid"]
+GroupScore = Literal["max", "top2_sum"]
+AttentionType = Literal["standard", "mla"]
 
 
 @dataclass
@@ -58,6 +61,41 @@ class MoEConfig:
     """Width of the shared expert (None: no shared expert)."""
     shared_expert_gated: bool = False
     """Multiply the shared expert's output by sigmoid(x W_g) (Qwen1.5-MoE)."""
+
+    # DeepSeek-V2/V3 routing: sigmoid scores, a selection-only bias, grouped top-k, scaled weights
+    router_scoring: RouterScoring = "softmax"
+    """How the router turns logits into scores: "softmax" over experts or an elementwise "sigmoid" (V3)."""
+    router_logits_float32: bool = False
+    """Compute the router logits in float32 (input and weight upcast), as DeepSeek-V2/V3 do."""
+    router_selection_bias: bool = False
+    """A per-expert bias `Router.selection_bias` (the hub's `e_score_correction_bias`) is added to the
+    scores to choose the experts only; the weights come from the unbiased scores (V3)."""
+    n_expert_groups: int = 1
+    """Experts form this many equal groups (`n_group`); only `topk_groups` of them are eligible per token."""
+    topk_groups: int = 1
+    """How many expert groups each token may use (`topk_group`)."""
+    group_score: GroupScore = "max"
+    """How a group is ranked: its best expert's score ("max", V2) or the sum of its two best ("top2_sum", V3)."""
+    routed_scaling_factor: float = 1.0
+    """The top-k weights are multiplied by this after any renormalisation."""
+
+    # multi-head latent attention (DeepSeek-V2/V3); d_head is then qk_nope_head_dim + qk_rope_head_dim
+    attention_type: AttentionType = "standard"
+    """"standard" (`Attention`: q/k/v projections) or "mla" (`MLAttention`: low-rank latents)."""
+    q_lora_rank: int | None = None
+    """Width of the query latent (None: queries are one projection of the residual stream)."""
+    kv_lora_rank: int = 0
+    """Width of the key-value latent that `kv_b_proj` expands into per-head keys and values."""
+    qk_nope_head_dim: int = 0
+    """Per-head query/key width without rotary position."""
+    qk_rope_head_dim: int = 0
+    """Per-head query/key width that is rotated; the key part is shared by all heads."""
+    v_head_dim: int = 0
+    """Per-head value width."""
+    rope_interleaved: bool = False
+    """The rotated dims pair up as (x0, x1), (x2, x3), ... instead of the two halves (DeepSeek)."""
+    attn_scale: float | None = None
+    """Multiplier of q.k in the attention softmax (None: d_head ** -0.5)."""
 
     # attention details
     qkv_bias: bool = False
@@ -128,12 +166,27 @@ class MoEConfig:
             raise ValueError("d_mlp is required when some layers are dense")
         if self.router_dtype not in ("float32", "model"):
             raise ValueError(f"router_dtype must be 'float32' or 'model', got '{self.router_dtype}'")
+        self._check_expert_groups()
         if isinstance(self.eos_token_id, (list, tuple)):
             self.eos_token_id = self.eos_token_id[0] if self.eos_token_id else None
         self.moe_layers = tuple(sorted(self.moe_layers))
         self.sliding_window_layers = tuple(sorted(self.sliding_window_layers))
         if self.sliding_window_layers and not self.sliding_window:
             raise ValueError("sliding_window_layers needs a positive sliding_window")
+
+    def _check_expert_groups(self) -> None:
+        groups, per_group = self.n_expert_groups, self.n_experts // max(self.n_expert_groups, 1)
+        if groups < 1 or self.n_experts % groups:
+            raise ValueError(f"n_expert_groups ({groups}) must divide n_experts ({self.n_experts})")
+        if not 1 <= self.topk_groups <= groups:
+            raise ValueError(f"topk_groups must be in [1, n_expert_groups={groups}], got {self.topk_groups}")
+        if self.top_k > self.topk_groups * per_group:
+            raise ValueError(
+                f"top_k ({self.top_k}) exceeds the {self.topk_groups} x {per_group} experts of the groups a token "
+                "may use: raise topk_groups"
+            )
+        if self.group_score == "top2_sum" and per_group < 2:
+            raise ValueError(f"group_score 'top2_sum' needs at least 2 experts per group, got {per_group}")
 
     @property
     def d_vocab_out(self) -> int:

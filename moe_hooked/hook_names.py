@@ -12,6 +12,7 @@ from transformer_lens.utilities import get_act_name as tl_get_act_name
 MOE_HOOKS = (
     "router_logits",
     "router_probs",
+    "selection_scores",
     "topk_indices",
     "topk_weights",
     "expert_out",

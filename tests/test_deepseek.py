@@ -236,8 +236,6 @@ def test_greedy_v1_style_fields_are_accepted():
     assert cfg.n_experts == 64
 
 
-def test_deepseek_v2_model_type_is_unsupported(tmp_path):
-    v2 = DEEPSEEK_MOE_16B | dict(model_type="deepseek_v2", kv_lora_rank=512)
-    (tmp_path / "config.json").write_text(json.dumps(v2))
-    with pytest.raises(UnsupportedArchitectureError, match="'deepseek_v2' is not supported"):
-        HookedMoETransformer.from_pretrained(tmp_path)
+def test_v1_refusal_points_to_the_v2_and_v3_families():
+    with pytest.raises(UnsupportedArchitectureError, match="model_type 'deepseek_v2' or 'deepseek_v3'"):
+        deepseek.config_from_hf(DEEPSEEK_MOE_16B | dict(kv_lora_rank=512))

@@ -5,6 +5,7 @@ from moe_hooked.components.block import TransformerBlock
 from moe_hooked.components.embed import Embed, Unembed
 from moe_hooked.components.experts import Experts
 from moe_hooked.components.hook_point import HookShapeError, MoEHookPoint
+from moe_hooked.components.mla_attention import MLAttention
 from moe_hooked.components.mlp import GatedMLP
 from moe_hooked.components.moe import MoEBlock
 from moe_hooked.components.norms import RMSNorm, RMSNormPre
@@ -16,6 +17,7 @@ __all__ = [
     "Embed",
     "Experts",
     "GatedMLP",
+    "MLAttention",
     "HookShapeError",
     "MoEBlock",
     "MoEHookPoint",

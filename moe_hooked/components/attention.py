@@ -35,6 +35,22 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.sliding_window = sliding_window
+        self.scale = cfg.attn_scale or cfg.d_head**-0.5
+        self._init_projections(cfg)
+        if cfg.attn_sinks:
+            self.sinks = nn.Parameter(torch.empty(cfg.n_heads))
+            self.hook_sinks = MoEHookPoint()  # [batch head_index query_pos 1]
+        self.hook_q = MoEHookPoint()  # [batch pos head_index d_head]
+        self.hook_k = MoEHookPoint()  # [batch pos kv_head_index d_head]
+        self.hook_v = MoEHookPoint()  # [batch pos kv_head_index d_head]
+        self.hook_rot_q = MoEHookPoint()  # [batch pos head_index d_head]
+        self.hook_rot_k = MoEHookPoint()  # [batch pos kv_head_index d_head]
+        self.hook_attn_scores = MoEHookPoint()  # [batch head_index query_pos key_pos]
+        self.hook_pattern = MoEHookPoint()  # [batch head_index query_pos key_pos]
+        self.hook_z = MoEHookPoint()  # [batch pos head_index d_head]
+
+    def _init_projections(self, cfg: MoEConfig) -> None:
+        """The projection weights, norms and rotary table (what a subclass like `MLAttention` replaces)."""
         q_width, kv_width = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
         self.w_q = nn.Parameter(torch.empty(q_width, cfg.d_model))
         self.w_k = nn.Parameter(torch.empty(kv_width, cfg.d_model))
@@ -50,18 +66,7 @@ class Attention(nn.Module):
             per_head = cfg.qk_norm_per_head
             self.q_norm = RMSNorm(cfg.d_head if per_head else q_width, cfg.eps)
             self.k_norm = RMSNorm(cfg.d_head if per_head else kv_width, cfg.eps)
-        if cfg.attn_sinks:
-            self.sinks = nn.Parameter(torch.empty(cfg.n_heads))
-            self.hook_sinks = MoEHookPoint()  # [batch head_index query_pos 1]
         self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.rope_yarn)
-        self.hook_q = MoEHookPoint()  # [batch pos head_index d_head]
-        self.hook_k = MoEHookPoint()  # [batch pos kv_head_index d_head]
-        self.hook_v = MoEHookPoint()  # [batch pos kv_head_index d_head]
-        self.hook_rot_q = MoEHookPoint()  # [batch pos head_index d_head]
-        self.hook_rot_k = MoEHookPoint()  # [batch pos kv_head_index d_head]
-        self.hook_attn_scores = MoEHookPoint()  # [batch head_index query_pos key_pos]
-        self.hook_pattern = MoEHookPoint()  # [batch head_index query_pos key_pos]
-        self.hook_z = MoEHookPoint()  # [batch pos head_index d_head]
 
     @property
     def W_Q(self) -> Float[torch.Tensor, "head d_model d_head"]:
@@ -98,6 +103,12 @@ class Attention(nn.Module):
         key_mask: Bool[torch.Tensor, "batch pos"] | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         """`key_mask` marks the real (non-padding) tokens; padding keys get no attention."""
+        q, k, v = self.project_qkv(x)
+        z = self.attend(q, k, v, key_mask)
+        return F.linear(z.flatten(-2), self.w_o, getattr(self, "b_o", None))
+
+    def project_qkv(self, x: Float[torch.Tensor, "batch pos d_model"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries [batch pos head d_head], rotated keys and values [batch pos kv_head d_head]."""
         q = self.hook_q(self._project(x, self.w_q, getattr(self, "b_q", None), getattr(self, "q_norm", None)))
         k = self.hook_k(self._project(x, self.w_k, getattr(self, "b_k", None), getattr(self, "k_norm", None)))
         v = self.hook_v(self._project(x, self.w_v, getattr(self, "b_v", None), None))
@@ -105,16 +116,25 @@ class Attention(nn.Module):
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = self.hook_rot_q(q * cos + rotate_half(q) * sin)
         k = self.hook_rot_k(k * cos + rotate_half(k) * sin)
-        n_rep = self.cfg.n_heads // self.cfg.n_key_value_heads
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch head pos d_head]
+        return q, k, v
+
+    def attend(
+        self,
+        q: Float[torch.Tensor, "batch pos head d_qk"],
+        k: Float[torch.Tensor, "batch pos kv_head d_qk"],
+        v: Float[torch.Tensor, "batch pos kv_head d_v"],
+        key_mask: Bool[torch.Tensor, "batch pos"] | None,
+    ) -> Float[torch.Tensor, "batch pos head d_v"]:
+        """Causal softmax(q.k * scale) v over heads (kv heads repeated), hooked at `hook_z`."""
+        n_rep = q.shape[2] // k.shape[2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch head pos d]
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        mask = self._mask(x.shape[1], key_mask, x.device)
+        mask = self._mask(q.shape[2], key_mask, q.device)
         if self._pattern_is_hooked():
             z = self._explicit_attention(q, k, v, mask)
         else:
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.cfg.d_head**-0.5)
-        z = self.hook_z(z.transpose(1, 2))
-        return F.linear(z.flatten(-2), self.w_o, getattr(self, "b_o", None))
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.hook_z(z.transpose(1, 2))
 
     def _mask(self, n_pos: int, key_mask, device) -> Bool[torch.Tensor, "batch 1 query_pos key_pos"]:
         causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()
@@ -125,8 +145,8 @@ class Attention(nn.Module):
             return causal
         return causal & key_mask[:, None, None, :].bool()
 
-    def _explicit_attention(self, q, k, v, mask) -> Float[torch.Tensor, "batch head pos d_head"]:
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.cfg.d_head**-0.5)  # in place: no second copy
+    def _explicit_attention(self, q, k, v, mask) -> Float[torch.Tensor, "batch head pos d_v"]:
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale)  # in place: no second copy
         scores = self.hook_attn_scores(scores.masked_fill_(~mask, torch.finfo(scores.dtype).min))
         if self.cfg.attn_sinks:
             sinks = self.hook_sinks(self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1))

@@ -8,11 +8,11 @@ from torch import nn
 
 from moe_hooked.components.attention import Attention
 from moe_hooked.components.hook_point import MoEHookPoint
+from moe_hooked.components.mla_attention import MLAttention
 from moe_hooked.components.mlp import GatedMLP
 from moe_hooked.components.moe import MoEBlock
 from moe_hooked.components.norms import RMSNorm
 from moe_hooked.config import MoEConfig
-
 
 class TransformerBlock(nn.Module):
     """resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid + mlp(ln2(resid_mid))."""
@@ -21,7 +21,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer = layer
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
-        self.attn = Attention(cfg, cfg.attention_window(layer))
+        self.attn = MLAttention(cfg) if cfg.attention_type == "mla" else Attention(cfg, cfg.attention_window(layer))
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
         self.mlp = MoEBlock(cfg) if cfg.is_moe_layer(layer) else GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
         self.hook_resid_pre = MoEHookPoint()  # [batch pos d_model]

@@ -18,7 +18,9 @@ class MoEBlock(nn.Module):
     """mlp_out = sum_k w_k * E_{i_k}(x) [+ g(x) * S(x)].
 
     Hook points (shapes with `k = cfg.top_k`):
-    `hook_router_logits`, `hook_router_probs` [batch pos n_experts];
+    `hook_router_logits`, `hook_router_probs` [batch pos n_experts] (probs: softmax or sigmoid scores);
+    `hook_selection_scores` [batch pos n_experts] (only with `cfg.router_selection_bias`: the scores
+    plus the bias, which the top-k ranks; -inf where a logit is -inf);
     `hook_topk_indices`, `hook_topk_weights` [batch pos k];
     `hook_expert_out` [batch pos k d_model] (unweighted, per slot);
     `hook_all_expert_out` [batch pos n_experts d_model] (only when `compute_all_experts`);
@@ -40,6 +42,8 @@ class MoEBlock(nn.Module):
         self.compute_all_experts = False
         self.hook_router_logits = MoEHookPoint()
         self.hook_router_probs = MoEHookPoint()
+        if cfg.router_selection_bias:
+            self.hook_selection_scores = MoEHookPoint()
         self.hook_topk_indices = MoEHookPoint()
         self.hook_topk_weights = MoEHookPoint()
         self.hook_expert_out = MoEHookPoint()
@@ -49,7 +53,10 @@ class MoEBlock(nn.Module):
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
         logits = self.hook_router_logits(self.router.logits(x))
         probs = self.hook_router_probs(self.router.probs(logits))
-        indices, weights = self.router.select(probs, out_dtype=logits.dtype)
+        selection = self.router.selection_scores(logits, probs)
+        if self.cfg.router_selection_bias:
+            selection = self.hook_selection_scores(selection)
+        indices, weights = self.router.select(probs, selection, out_dtype=x.dtype)
         indices = self.hook_topk_indices(indices)
         weights = self.hook_topk_weights(weights)
         flat_x = x.flatten(0, 1)

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from moe_hooked.loading import deepseek, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moe_hooked.loading import deepseek, deepseek_v2, deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moe_hooked.loading.checkpoint import (
     checkpoint_dtype,
     read_config,
@@ -25,7 +25,10 @@ from moe_hooked.loading.checkpoint import (
 )
 from moe_hooked.loading.errors import CheckpointError, UnsupportedArchitectureError
 
-ARCHITECTURES: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (deepseek, olmoe, qwen2_moe, qwen3_moe, mixtral, gpt_oss)}
+ARCHITECTURES: dict[str, ModuleType] = {
+    module.MODEL_TYPE: module
+    for module in (deepseek, deepseek_v2, deepseek_v3, olmoe, qwen2_moe, qwen3_moe, mixtral, gpt_oss)
+}
 
 BUILTIN_MODELS = {"moe-hooked/demo": "demo_model"}
 """Reserved names of checkpoints shipped inside the package (under `moe_hooked/assets/`)."""

@@ -67,8 +67,9 @@ DEFAULTS = dict(
 
 SUPPORTED = (
     "moe_hooked supports DeepSeekMoE v1 (e.g. deepseek-ai/deepseek-moe-16b-base): softmax scoring, greedy "
-    "top-k, routed_scaling_factor 1, multi-head attention without bias, plain RoPE. DeepSeek-V2/V3 "
-    "(multi-head latent attention, grouped or sigmoid routing) are not supported"
+    "top-k, routed_scaling_factor 1, multi-head attention without bias, plain RoPE. A DeepSeek-V2/V3 "
+    "checkpoint (multi-head latent attention, grouped or sigmoid routing) says model_type 'deepseek_v2' or "
+    "'deepseek_v3' in its config.json and loads through those families"
 )
 
 

@@ -7,7 +7,7 @@ and, for stacked expert weights, the expert index to fill. What differs between 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from moe_hooked.components.rotary import YARN_KEYS
@@ -49,11 +49,18 @@ def swiglu_names(hub: str, ours: str) -> dict[str, Target]:
     return {f"{hub}{proj}_proj.weight": Target(f"{ours}w_{proj}") for proj in ("gate", "up", "down")}
 
 
-def weight_names(cfg: MoEConfig, moe: WeightMap) -> dict[str, Target | tuple[Target, ...]]:
+AttentionNames = Callable[[MoEConfig, str, str], dict[str, Target]]
+"""(cfg, hub prefix of a layer, our prefix of a block) -> the attention's weight names."""
+
+
+def weight_names(
+    cfg: MoEConfig, moe: WeightMap, attention_names: AttentionNames | None = None
+) -> dict[str, Target | tuple[Target, ...]]:
     """Every hub key a checkpoint of this architecture holds, mapped to its destination.
 
     `moe` is the family's map of a MoE layer's MLP weights (router, experts, shared expert);
-    attention, norms and the dense MLP of non-MoE layers are named alike in every family.
+    `attention_names` names the attention's weights (default: Llama's, `llama_attention_names`);
+    norms and the dense MLP of non-MoE layers are named alike in every family.
     """
     names = {
         "model.embed_tokens.weight": Target("embed.W_E"),
@@ -62,28 +69,18 @@ def weight_names(cfg: MoEConfig, moe: WeightMap) -> dict[str, Target | tuple[Tar
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = Target("unembed.weight")
     for layer in range(cfg.n_layers):
-        names |= _block_names(cfg, layer, moe)
+        names |= _block_names(cfg, layer, moe, attention_names or llama_attention_names)
     return names
 
 
-def _block_names(cfg: MoEConfig, layer: int, moe: WeightMap) -> dict[str, Target | tuple[Target, ...]]:
+def _block_names(
+    cfg: MoEConfig, layer: int, moe: WeightMap, attention_names: AttentionNames
+) -> dict[str, Target | tuple[Target, ...]]:
     hub, ours = f"model.layers.{layer}.", f"blocks.{layer}."
     names = {
         hub + "input_layernorm.weight": Target(ours + "ln1.w"),
         hub + "post_attention_layernorm.weight": Target(ours + "ln2.w"),
-    }
-    for proj in "qkvo":
-        names[f"{hub}self_attn.{proj}_proj.weight"] = Target(f"{ours}attn.w_{proj}")
-    if cfg.qkv_bias:
-        for proj in "qkv":
-            names[f"{hub}self_attn.{proj}_proj.bias"] = Target(f"{ours}attn.b_{proj}")
-    if cfg.o_bias:
-        names[f"{hub}self_attn.o_proj.bias"] = Target(f"{ours}attn.b_o")
-    if cfg.attn_sinks:
-        names[f"{hub}self_attn.sinks"] = Target(f"{ours}attn.sinks")
-    if cfg.qk_norm:
-        for proj in "qk":
-            names[f"{hub}self_attn.{proj}_norm.weight"] = Target(f"{ours}attn.{proj}_norm.w")
+    } | attention_names(cfg, hub, ours)
     if not cfg.is_moe_layer(layer):
         return names | swiglu_names(hub + "mlp.", ours + "mlp.")
     for hub_name, targets in moe.items():
@@ -97,6 +94,22 @@ def _block_names(cfg: MoEConfig, layer: int, moe: WeightMap) -> dict[str, Target
 def as_targets(value: Target | tuple[Target, ...]) -> tuple[Target, ...]:
     """The targets of one weight-map entry (a single `Target` or a tuple of them)."""
     return (value,) if isinstance(value, Target) else tuple(value)
+
+
+def llama_attention_names(cfg: MoEConfig, hub: str, ours: str) -> dict[str, Target]:
+    """Llama's `self_attn.{q,k,v,o}_proj` (+ q/k/v and o biases, sinks and q/k norms where the config says)."""
+    names = {f"{hub}self_attn.{proj}_proj.weight": Target(f"{ours}attn.w_{proj}") for proj in "qkvo"}
+    if cfg.qkv_bias:
+        for proj in "qkv":
+            names[f"{hub}self_attn.{proj}_proj.bias"] = Target(f"{ours}attn.b_{proj}")
+    if cfg.o_bias:
+        names[f"{hub}self_attn.o_proj.bias"] = Target(f"{ours}attn.b_o")
+    if cfg.attn_sinks:
+        names[f"{hub}self_attn.sinks"] = Target(f"{ours}attn.sinks")
+    if cfg.qk_norm:
+        for proj in "qk":
+            names[f"{hub}self_attn.{proj}_norm.weight"] = Target(f"{ours}attn.{proj}_norm.w")
+    return names
 
 
 def common_fields(hf: Mapping) -> dict:

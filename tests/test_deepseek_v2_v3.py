@@ -1,0 +1,101 @@
+"""DeepSeek-V2 / V3 parity with transformers' `DeepseekV2ForCausalLM` / `DeepseekV3ForCausalLM`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deepseek_v2_models import build_deepseek, deepseek_v2_config, deepseek_v3_config
+from hf_models import save_hf
+from transformers import AutoModelForCausalLM
+
+from moe_hooked import HookedMoETransformer
+
+CONFIGS = {
+    "v2-greedy-qlora": lambda: deepseek_v2_config(),
+    "v2-grouped-no-qlora": lambda: deepseek_v2_config(
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, q_lora_rank=None,
+        routed_scaling_factor=1.7, n_shared_experts=2, num_experts_per_tok=3,
+    ),
+    "v2-all-moe-k1": lambda: deepseek_v2_config(first_k_dense_replace=0, num_experts_per_tok=1),
+    "v3-grouped-qlora": lambda: deepseek_v3_config(),
+    "v3-no-qlora-halves-no-norm": lambda: deepseek_v3_config(
+        q_lora_rank=None, rope_interleave=False, norm_topk_prob=False, first_k_dense_replace=0, n_shared_experts=2
+    ),
+    "v3-one-group-k3": lambda: deepseek_v3_config(n_group=1, topk_group=1, num_experts_per_tok=3, first_k_dense_replace=2),
+}
+
+
+def capture_routers(hf_model) -> tuple[dict[int, tuple], list]:
+    """Each HF router's (logits, top-k weights, top-k indices), keyed by layer index."""
+    captured, handles = {}, []
+    for layer, decoder_layer in enumerate(hf_model.model.layers):
+        gate = getattr(decoder_layer.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "top_k"):
+            handles.append(gate.register_forward_hook(lambda m, i, out, layer=layer: captured.__setitem__(layer, out)))
+    return captured, handles
+
+
+def by_expert_id(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots sorted by expert id, so that two routers that order their slots differently compare."""
+    order = indices.argsort(dim=-1)
+    return indices.gather(-1, order), weights.gather(-1, order)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    hf = build_deepseek(CONFIGS[request.param](), seed=len(request.param))
+    folder = save_hf(hf, tmp_path_factory.mktemp(request.param))
+    return hf, HookedMoETransformer.from_pretrained(folder)
+
+
+def padded_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(3, vocab, (3, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[1, 9:] = 0
+    mask[2, 5:] = 0
+    return tokens, mask
+
+
+def test_float32_logits_routing_and_hidden_states_match_with_padding(pair):
+    hf, ours = pair
+    tokens, mask = padded_batch(hf.config.vocab_size)
+    real = mask.bool()
+    captured, handles = capture_routers(hf)
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=mask, output_hidden_states=True)
+        logits, cache = ours.run_with_cache(tokens, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    assert (ref.logits - logits)[real].abs().max() <= 1e-4
+    for layer in range(ours.cfg.n_layers - 1):
+        assert torch.allclose(ref.hidden_states[layer + 1][real], cache["resid_post", layer][real], atol=1e-5), layer
+    assert set(captured) == set(ours.cfg.moe_layers)
+    for layer, (hf_logits, hf_weights, hf_indices) in captured.items():
+        flat_real = real.flatten()
+        assert torch.allclose(hf_logits, cache["router_logits", layer].flatten(0, 1), atol=1e-5), layer
+        hf_ids, hf_w = by_expert_id(hf_indices[flat_real], hf_weights[flat_real])
+        ids, w = by_expert_id(cache["topk_indices", layer][real], cache["topk_weights", layer][real])
+        assert torch.equal(hf_ids, ids), layer
+        assert torch.allclose(hf_w, w, atol=1e-6), layer
+
+
+def test_bfloat16_top1_agreement_at_least_hf_sdpa_vs_eager(pair, tmp_path):
+    """In bfloat16, ours agrees with HF's eager model at least as often as HF's own sdpa model does.
+
+    The HF models are loaded from the bfloat16 checkpoint as a user would (`from_pretrained`
+    keeps the router and rotary tables in float32, which a plain `.to(bfloat16)` would not)."""
+    hf, _ = pair
+    folder = save_hf(hf.to(torch.bfloat16), tmp_path / "bf16")
+    hf.to(torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16, attn_implementation="eager", experts_implementation="eager"
+    )
+    ours = HookedMoETransformer.from_pretrained(folder)
+    assert ours.cfg.dtype == torch.bfloat16
+    tokens = torch.randint(0, hf.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = reference(tokens).logits.argmax(-1)
+        reference.set_attn_implementation("sdpa")
+        sdpa = reference(tokens).logits.argmax(-1)
+        ours_top1 = ours(tokens).argmax(-1)
+    assert (ours_top1 == eager).float().mean() >= (sdpa == eager).float().mean()
