@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from deepseek_v2_models import build_deepseek, deepseek_v2_config, deepseek_v3_config
+from deepseek_v2_models import YARN, build_deepseek, deepseek_v2_config, deepseek_v3_config
 from hf_models import save_hf
 from transformers import AutoModelForCausalLM
 
@@ -17,7 +17,9 @@ CONFIGS = {
         routed_scaling_factor=1.7, n_shared_experts=2, num_experts_per_tok=3,
     ),
     "v2-all-moe-k1": lambda: deepseek_v2_config(first_k_dense_replace=0, num_experts_per_tok=1),
+    "v2-yarn": lambda: deepseek_v2_config(rope_parameters=YARN, n_shared_experts=2),
     "v3-grouped-qlora": lambda: deepseek_v3_config(),
+    "v3-yarn-halves": lambda: deepseek_v3_config(rope_parameters=YARN | dict(mscale=1.0, mscale_all_dim=0.8), rope_interleave=False),
     "v3-no-qlora-halves-no-norm": lambda: deepseek_v3_config(
         q_lora_rank=None, rope_interleave=False, norm_topk_prob=False, first_k_dense_replace=0, n_shared_experts=2
     ),
@@ -62,13 +64,16 @@ def test_float32_logits_routing_and_hidden_states_match_with_padding(pair):
     real = mask.bool()
     captured, handles = capture_routers(hf)
     with torch.no_grad():
-        ref = hf(tokens, attention_mask=mask, output_hidden_states=True)
+        ref = hf(tokens, attention_mask=mask, output_hidden_states=True, output_attentions=True)
         logits, cache = ours.run_with_cache(tokens, attention_mask=mask)
     for handle in handles:
         handle.remove()
     assert (ref.logits - logits)[real].abs().max() <= 1e-4
     for layer in range(ours.cfg.n_layers - 1):
         assert torch.allclose(ref.hidden_states[layer + 1][real], cache["resid_post", layer][real], atol=1e-5), layer
+    for layer in range(ours.cfg.n_layers):  # [batch query head key] at the real queries: rotary and scale show here
+        hf_pattern, pattern = ref.attentions[layer].transpose(1, 2)[real], cache["pattern", layer].transpose(1, 2)[real]
+        assert torch.allclose(hf_pattern, pattern, atol=1e-6), layer
     assert set(captured) == set(ours.cfg.moe_layers)
     for layer, (hf_logits, hf_weights, hf_indices) in captured.items():
         flat_real = real.flatten()

@@ -55,7 +55,7 @@ class MLAttention(Attention):
         self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.w_kv_b = nn.Parameter(torch.empty(heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank))
         self.w_o = nn.Parameter(torch.empty(cfg.d_model, heads * cfg.v_head_dim))
-        self.rotary = RotaryEmbedding(d_rope, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(d_rope, cfg.rope_theta, cfg.rope_yarn)
         self.hook_kv_latent = MoEHookPoint()
         self.hook_k_rope = MoEHookPoint()
 

@@ -22,10 +22,9 @@ As transformers' `DeepseekV2ForCausalLM` computes them:
 
 from __future__ import annotations
 
-import math
-
 from transformers import DeepseekV2Config, PretrainedConfig
 
+from moe_hooked.components.rotary import yarn_mscale
 from moe_hooked.config import MoEConfig
 from moe_hooked.loading import llama_like
 from moe_hooked.loading.errors import UnsupportedArchitectureError
@@ -47,24 +46,19 @@ def check_mla_config(hf: PretrainedConfig) -> None:
         problems.append(f"num_key_value_heads {hf.num_key_value_heads} != num_attention_heads {hf.num_attention_heads}")
     if not hf.n_shared_experts:
         problems.append("no shared experts (n_shared_experts 0)")
-    rope_type = hf.rope_parameters.get("rope_type", "default")
-    if rope_type not in ("default", "yarn"):
-        problems.append(f"rope type '{rope_type}' (only plain RoPE and YaRN are implemented)")
     if problems:
         raise UnsupportedArchitectureError(
             f"this '{hf.model_type}' config has {'; '.join(problems)}, which moe_hooked does not support"
         )
 
 
-def attention_scale(hf: PretrainedConfig) -> float:
-    """The softmax scale of MLA: (qk_nope + qk_rope)^-0.5, times mscale^2 under YaRN with `mscale_all_dim`."""
-    scale = (hf.qk_nope_head_dim + hf.qk_rope_head_dim) ** -0.5
-    rope = hf.rope_parameters
-    if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim"):
-        factor = rope["factor"]
-        mscale = 0.1 * rope["mscale_all_dim"] * math.log(factor) + 1.0 if factor > 1 else 1.0
-        scale *= mscale * mscale
-    return scale
+def attention_scale(cfg_fields: dict, qk_head_dim: int) -> float:
+    """The softmax scale of MLA: qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN.
+
+    (YaRN's own cos/sin factor is applied by `RotaryEmbedding`; DeepSeek corrects the scale too.)"""
+    yarn = cfg_fields.get("rope_yarn") or {}
+    mscale = yarn_mscale(yarn["factor"], yarn["mscale_all_dim"]) if yarn.get("mscale_all_dim") else 1.0
+    return qk_head_dim**-0.5 * mscale * mscale
 
 
 def mla_fields(hf: PretrainedConfig, raw: dict) -> dict:
@@ -72,6 +66,7 @@ def mla_fields(hf: PretrainedConfig, raw: dict) -> dict:
     check_mla_config(hf)
     qk_head_dim = hf.qk_nope_head_dim + hf.qk_rope_head_dim
     moe_layer_freq = raw.get("moe_layer_freq") or 1
+    rope = llama_like.rope_fields(hf.to_dict())
     return dict(
         d_model=hf.hidden_size,
         n_layers=hf.num_hidden_layers,
@@ -80,7 +75,7 @@ def mla_fields(hf: PretrainedConfig, raw: dict) -> dict:
         d_head=qk_head_dim,
         d_vocab=hf.vocab_size,
         n_ctx=hf.max_position_embeddings,
-        rope_theta=float(hf.rope_parameters["rope_theta"]),
+        **rope,
         eps=hf.rms_norm_eps,
         tie_word_embeddings=hf.tie_word_embeddings,
         act_fn=hf.hidden_act,
@@ -106,7 +101,7 @@ def mla_fields(hf: PretrainedConfig, raw: dict) -> dict:
         qk_nope_head_dim=hf.qk_nope_head_dim,
         qk_rope_head_dim=hf.qk_rope_head_dim,
         v_head_dim=hf.v_head_dim,
-        attn_scale=attention_scale(hf),
+        attn_scale=attention_scale(rope, qk_head_dim),
         default_prepend_bos=PREPENDS_BOS,
         original_config=raw,
     )
