@@ -167,6 +167,10 @@ class MoEConfig:
         if self.router_dtype not in ("float32", "model"):
             raise ValueError(f"router_dtype must be 'float32' or 'model', got '{self.router_dtype}'")
         self._check_expert_groups()
+        if self.attention_type not in ("standard", "mla"):
+            raise ValueError(f"attention_type must be 'standard' or 'mla', got '{self.attention_type}'")
+        if self.router_scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"router_scoring must be 'softmax' or 'sigmoid', got '{self.router_scoring}'")
         if isinstance(self.eos_token_id, (list, tuple)):
             self.eos_token_id = self.eos_token_id[0] if self.eos_token_id else None
         self.moe_layers = tuple(sorted(self.moe_layers))

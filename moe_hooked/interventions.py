@@ -124,8 +124,9 @@ def ablate_experts(
       softmax then runs over the remaining experts only: every remaining probability is
       p_j / (1 - sum of the ablated p_i), the top-k is taken over these, and
       `norm_topk_prob` models renormalise the k weights to sum to one as usual.
-      `hook_router_probs` shows the renormalised probabilities. At least top_k experts must
-      remain.
+      `hook_router_probs` shows the renormalised probabilities. With sigmoid scores (DeepSeek-V3)
+      the other experts' scores are unchanged. The router never selects an expert whose logit is
+      -inf, whatever its selection bias or expert group. At least top_k experts must remain.
     - "mean": in every slot holding an ablated expert, `hook_expert_out` is replaced by that
       expert's mean output; routing and weights are unchanged (the expert is still computed).
       `mean_from` gives the means: an `ActivationCache` of a reference run (see

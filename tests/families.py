@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from deepseek_reference import build_reference, deepseek_config, write_checkpoint
+from deepseek_v2_models import YARN, build_deepseek, deepseek_v2_config, deepseek_v3_config
 from hf_models import BASE, build_hf, olmoe_config, qwen2_moe_config, save_hf
 from tiny import tiny_tokenizer
 from transformers import GptOssConfig, MixtralConfig, Qwen3MoeConfig
@@ -93,6 +94,33 @@ FAMILIES: dict[str, Family] = {
             num_experts_per_tok=3, num_key_value_heads=4, layer_types=["full_attention"] * 3),
         "gpt_oss-window-all": lambda: gpt_oss_config(sliding_window=6, layer_types=["sliding_attention"] * 3),
     }),
+    "deepseek_v2": Family(
+        {
+            "v2-greedy-qlora": lambda: deepseek_v2_config(),
+            "v2-grouped-no-qlora": lambda: deepseek_v2_config(
+                topk_method="group_limited_greedy", n_group=4, topk_group=2, q_lora_rank=None,
+                routed_scaling_factor=1.7, n_shared_experts=2, num_experts_per_tok=3,
+            ),
+            "v2-all-moe-k1": lambda: deepseek_v2_config(first_k_dense_replace=0, num_experts_per_tok=1),
+            "v2-yarn": lambda: deepseek_v2_config(rope_parameters=YARN, n_shared_experts=2),
+        },
+        build=build_deepseek,
+    ),
+    "deepseek_v3": Family(
+        {
+            "v3-grouped-qlora": lambda: deepseek_v3_config(),
+            "v3-yarn-halves": lambda: deepseek_v3_config(
+                rope_parameters=YARN | dict(mscale=1.0, mscale_all_dim=0.8), rope_interleave=False
+            ),
+            "v3-no-qlora-halves-no-norm": lambda: deepseek_v3_config(
+                q_lora_rank=None, rope_interleave=False, norm_topk_prob=False, first_k_dense_replace=0, n_shared_experts=2
+            ),
+            "v3-one-group-k3": lambda: deepseek_v3_config(
+                n_group=1, topk_group=1, num_experts_per_tok=3, first_k_dense_replace=2
+            ),
+        },
+        build=build_deepseek,
+    ),
 }
 
 

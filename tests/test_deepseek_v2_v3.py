@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from deepseek_v2_models import YARN, build_deepseek, deepseek_v2_config, deepseek_v3_config
+from deepseek_v2_models import deepseek_v2_config, deepseek_v3_config
+from families import build_and_save, parity_configs
 from hf_models import save_hf
 from transformers import AutoModelForCausalLM
 
 from moe_hooked import HookedMoETransformer
+from moe_hooked.loading import UnsupportedArchitectureError, deepseek_v2, deepseek_v3
 
-CONFIGS = {
-    "v2-greedy-qlora": lambda: deepseek_v2_config(),
-    "v2-grouped-no-qlora": lambda: deepseek_v2_config(
-        topk_method="group_limited_greedy", n_group=4, topk_group=2, q_lora_rank=None,
-        routed_scaling_factor=1.7, n_shared_experts=2, num_experts_per_tok=3,
-    ),
-    "v2-all-moe-k1": lambda: deepseek_v2_config(first_k_dense_replace=0, num_experts_per_tok=1),
-    "v2-yarn": lambda: deepseek_v2_config(rope_parameters=YARN, n_shared_experts=2),
-    "v3-grouped-qlora": lambda: deepseek_v3_config(),
-    "v3-yarn-halves": lambda: deepseek_v3_config(rope_parameters=YARN | dict(mscale=1.0, mscale_all_dim=0.8), rope_interleave=False),
-    "v3-no-qlora-halves-no-norm": lambda: deepseek_v3_config(
-        q_lora_rank=None, rope_interleave=False, norm_topk_prob=False, first_k_dense_replace=0, n_shared_experts=2
-    ),
-    "v3-one-group-k3": lambda: deepseek_v3_config(n_group=1, topk_group=1, num_experts_per_tok=3, first_k_dense_replace=2),
-}
+CONFIGS = parity_configs("deepseek_v2", "deepseek_v3")
 
 
 def capture_routers(hf_model) -> tuple[dict[int, tuple], list]:
@@ -45,8 +33,7 @@ def by_expert_id(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Te
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
-    hf = build_deepseek(CONFIGS[request.param](), seed=len(request.param))
-    folder = save_hf(hf, tmp_path_factory.mktemp(request.param))
+    hf, folder = build_and_save(request.param, tmp_path_factory.mktemp(request.param), seed=len(request.param))
     return hf, HookedMoETransformer.from_pretrained(folder)
 
 
@@ -104,3 +91,48 @@ def test_bfloat16_top1_agreement_at_least_hf_sdpa_vs_eager(pair, tmp_path):
         sdpa = reference(tokens).logits.argmax(-1)
         ours_top1 = ours(tokens).argmax(-1)
     assert (ours_top1 == eager).float().mean() >= (sdpa == eager).float().mean()
+
+
+# ----------------------------------------------------------------------------- config translation
+def v2_dict(**overrides) -> dict:
+    return deepseek_v2_config(**overrides).to_dict()
+
+
+def test_dense_layers_follow_first_k_dense_replace_and_moe_layer_freq():
+    cfg = deepseek_v2.config_from_hf(v2_dict(num_hidden_layers=6, first_k_dense_replace=1) | {"moe_layer_freq": 2})
+    assert cfg.moe_layers == (2, 4)
+    assert deepseek_v2.config_from_hf(v2_dict(num_hidden_layers=4, first_k_dense_replace=1)).moe_layers == (1, 2, 3)
+
+
+def test_v2_ignores_norm_topk_prob_as_transformers_does():
+    assert not deepseek_v2.config_from_hf(v2_dict(norm_topk_prob=True)).norm_topk_prob
+
+
+def test_v3_config_translation():
+    cfg = deepseek_v3.config_from_hf(deepseek_v3_config(n_group=2, topk_group=1, routed_scaling_factor=2.5).to_dict())
+    assert (cfg.router_scoring, cfg.router_selection_bias, cfg.group_score) == ("sigmoid", True, "top2_sum")
+    assert (cfg.n_expert_groups, cfg.topk_groups, cfg.routed_scaling_factor, cfg.norm_topk_prob) == (2, 1, 2.5, True)
+    assert cfg.attention_type == "mla" and cfg.rope_interleaved
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (dict(attention_bias=True), "attention_bias true"),
+        (dict(num_key_value_heads=2), "num_key_value_heads 2 != num_attention_heads 4"),
+        (dict(n_shared_experts=0), "n_shared_experts 0"),
+        (dict(topk_method="noaux_tc"), "topk_method 'noaux_tc'"),
+        (dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0)), "RoPE scaling 'linear'"),
+    ],
+)
+def test_unsupported_v2_options_are_refused_by_name(overrides, named):
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        deepseek_v2.config_from_hf(v2_dict(**overrides))
+    assert named in str(err.value)
+
+
+def test_impossible_grouping_is_a_clear_error():
+    with pytest.raises(ValueError, match="n_expert_groups \\(3\\) must divide n_experts \\(8\\)"):
+        deepseek_v2.config_from_hf(v2_dict(topk_method="group_limited_greedy", n_group=3, topk_group=1))
+    with pytest.raises(ValueError, match="top_k \\(3\\) exceeds the 1 x 2 experts"):
+        deepseek_v2.config_from_hf(v2_dict(topk_method="group_limited_greedy", n_group=4, topk_group=1, num_experts_per_tok=3))

@@ -39,7 +39,8 @@ class MLAttention(Attention):
     rotary key part, before rotation); `hook_q`, `hook_k`, `hook_rot_q`, `hook_rot_k`
     [batch pos head d_qk] (`hook_k`'s last rope dims repeat `hook_k_rope` for every head);
     `hook_v`, `hook_z` [batch pos head d_v]; `hook_attn_scores`, `hook_pattern`
-    [batch head query_pos key_pos].
+    [batch head query_pos key_pos]. The latents' norms have their own `hook_scale` [batch pos 1]
+    and `hook_normalized` (`kv_a_norm.`, `q_a_norm.`; before the gain, which `hook_*_latent` includes).
     """
 
     def _init_projections(self, cfg: MoEConfig) -> None:
