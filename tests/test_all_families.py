@@ -47,8 +47,10 @@ def test_hook_table_shapes_and_invariants(family_model, tokens):
         assert torch.allclose(routed, cache["routed_out", layer], atol=1e-6)
         shared = cache["shared_out", layer] if cfg.d_shared_expert else 0
         assert torch.allclose(cache["routed_out", layer] + shared, cache["mlp_out", layer], atol=1e-6)
-        # the selection is the top-k of the router probabilities
-        top = cache["router_probs", layer].topk(k, dim=-1).indices
+        # the selection is the top-k of the selection scores (the probabilities, + a bias where the model has
+        # one) among the expert groups the router keeps (all of them for ungrouped routers)
+        scores = cache["selection_scores", layer] if cfg.router_selection_bias else cache["router_probs", layer]
+        top = model.blocks[layer].mlp.router.eligible(scores).topk(k, dim=-1).indices
         assert torch.equal(top.sort(-1).values, cache["topk_indices", layer].sort(-1).values)
 
 
