@@ -38,21 +38,27 @@ class HookNameError(KeyError):
         return str(self.args[0])
 
 
+MLA_HOOKS = ("q_latent", "kv_latent", "k_rope")
+"""Multi-head latent attention's own hook points, under `blocks.{l}.attn.`."""
+
+
 def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
     """Full hook name for a shorthand, e.g. ("router_logits", 3) -> "blocks.3.mlp.hook_router_logits".
 
+    MLA shorthands ("q_latent", "kv_latent", "k_rope") resolve under `blocks.{l}.attn.`.
     Names that are not MoE shorthands are resolved by TransformerLens's `get_act_name`
     (so "resid_mid", "pattern", "scale" with "ln2", ... work as there); an unknown shorthand
     raises `HookNameError` with the closest known ones.
     """
-    if name in MOE_HOOKS:
-        if layer is None:
-            raise ValueError(f"'{name}' is a per-layer MoE hook: give a layer index")
-        return f"blocks.{layer}.mlp.hook_{name}"
+    for shorthands, module, kind in ((MOE_HOOKS, "mlp", "MoE"), (MLA_HOOKS, "attn", "attention")):
+        if name in shorthands:
+            if layer is None:
+                raise ValueError(f"'{name}' is a per-layer {kind} hook: give a layer index")
+            return f"blocks.{layer}.{module}.hook_{name}"
     is_full_name = ("." in name or name.startswith("hook_")) and layer is None and layer_type is None
     shorthand = re.match(r"[a-z_]+?(?=\d|$)", name)
     if not is_full_name and (shorthand is None or shorthand.group(0) not in TL_SHORTHANDS):
-        raise HookNameError(f"unknown activation name '{name}'{_suggest(name, MOE_HOOKS + TL_SHORTHANDS)}")
+        raise HookNameError(f"unknown activation name '{name}'{_suggest(name, MOE_HOOKS + MLA_HOOKS + TL_SHORTHANDS)}")
     return tl_get_act_name(name, layer, layer_type)
 
 

@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from families import build_and_save
 
-from moe_hooked import HookedMoETransformer
+from transformers import AutoModelForCausalLM
+
+from moe_hooked import HookedMoETransformer, get_act_name
+from moe_hooked.loading.export import save_hub_checkpoint
 from moe_hooked.interventions import ablate_experts, keep_top_k
 
 TOKENS = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(3))
@@ -83,6 +86,26 @@ def test_mla_hooks_recombine_into_the_attention_output(pair):
     assert torch.allclose(torch.einsum("bhqk,bkhd->bqhd", pattern, c("v")), c("z"), atol=1e-6)
     attn_out = c("z").flatten(-2) @ attn.w_o.T
     assert torch.allclose(attn_out, cache["attn_out", layer], atol=1e-6)
+
+
+def test_mla_shorthands_resolve_under_attn(pair):
+    _, model = pair
+    _, cache = model.run_with_cache(TOKENS)
+    assert get_act_name("kv_latent", 2) == "blocks.2.attn.hook_kv_latent"
+    assert torch.equal(cache["kv_latent", 1], cache["blocks.1.attn.hook_kv_latent"])
+    assert torch.equal(cache["k_rope", -1], cache[f"blocks.{model.cfg.n_layers - 1}.attn.hook_k_rope"])
+    with pytest.raises(ValueError, match="'q_latent' is a per-layer attention hook: give a layer index"):
+        get_act_name("q_latent")
+
+
+def test_export_loads_in_transformers_with_the_same_logits(pair, tmp_path):
+    hf, model = pair
+    save_hub_checkpoint(model, tmp_path / "export", model.cfg.original_config)
+    exported = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "export", attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        assert torch.allclose(exported(TOKENS).logits, hf(TOKENS).logits, atol=1e-5)
 
 
 def test_zeroing_the_kv_latent_silences_the_attention(pair):
