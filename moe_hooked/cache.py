@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformer_lens import ActivationCache
 
+from moe_hooked._tl import ActivationCache
 from moe_hooked.hook_names import get_act_name
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformer_lens.utilities import get_act_name as tl_get_act_name
+from moe_hooked._tl import get_act_name as tl_get_act_name
 
 MOE_HOOKS = (
     "router_logits",
