@@ -9,6 +9,7 @@ across batches in a mixing buffer, so that one batch mixes many texts and domain
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -56,16 +57,15 @@ def cache_hooks(
 
     Runs inside `model.all_experts()` when a name is `hook_all_expert_out`, which fires only there.
     """
-    run = lambda: model.run_with_cache(  # noqa: E731
-        tokens,
-        attention_mask=attention_mask,
-        names_filter=list(hook_names),
-        stop_at_layer=_run_until(model, hook_names),
-    )[1]
-    if any(name.endswith("hook_all_expert_out") for name in hook_names):
-        with model.all_experts():
-            return dict(run().cache_dict)
-    return dict(run().cache_dict)
+    fires_in_all_experts = any(name.endswith("hook_all_expert_out") for name in hook_names)
+    with model.all_experts() if fires_in_all_experts else contextlib.nullcontext():
+        _, cache = model.run_with_cache(
+            tokens,
+            attention_mask=attention_mask,
+            names_filter=list(hook_names),
+            stop_at_layer=_run_until(model, hook_names),
+        )
+    return dict(cache.cache_dict)
 
 
 def hook_width(model: HookedMoETransformer, hook_name: str) -> int:

@@ -95,9 +95,9 @@ def feature_routing(
     """Correlate `sae`'s features with the expert selection of MoE layer `layer` over `corpora`.
 
     The SAE must read a per-token hook ([batch pos d_in], e.g. `blocks.{l}.hook_resid_mid`, the
-    router's input); `layer` defaults to the block of that hook. Runs the model without the SAE
-    spliced in (the routing is the model's own); `batch_size`, `max_length`, `max_tokens` as in
-    `corpus_batches`.
+    router's input); `layer` defaults to the block of that hook. The model runs as it is: call
+    this with no SAE spliced in for the model's own routing. `batch_size`, `max_length`,
+    `max_tokens` as in `corpus_batches`.
     """
     hook_name = check_sae(model, sae)
     layer = hook_layer(hook_name) if layer is None else layer
