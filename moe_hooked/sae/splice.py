@@ -67,7 +67,7 @@ class SAEHookPoint(MoEHookPoint):
         if self.use_error_term:
             with torch.no_grad():
                 clean = self._unhooked_reconstruction(x) if self._feature_hooks_active() else out
-                out = out + self.hook_sae_error(x - clean.to(x.dtype))
+                out = out + self.hook_sae_error(x.to(clean.dtype) - clean)  # in the SAE's dtype: no rounding to x's
         return self.hook_sae_output(out.to(x.dtype))
 
     def _feature_hooks_active(self) -> bool:
