@@ -5,8 +5,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-from transformer_lens import ActivationCache
 
+from moe_hooked._tl import ActivationCache
 from moe_hooked.hook_names import MOE_HOOKS, HookNameError, get_act_name, unknown_hook_error
 
 

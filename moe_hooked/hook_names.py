@@ -7,7 +7,7 @@ import difflib
 import re
 from collections.abc import Iterable, Sequence
 
-from transformer_lens.utilities import get_act_name as tl_get_act_name
+from moe_hooked._tl import get_act_name as tl_get_act_name
 
 MOE_HOOKS = (
     "router_logits",

@@ -42,8 +42,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
-from transformer_lens.hook_points import HookPoint
 
+from moe_hooked._tl import HookPoint
 from moe_hooked.config import MoEConfig
 from moe_hooked.corpus import all_reduce_sums, check_same_inputs, corpus_batches, deal, rank_and_world, shared_failures
 from moe_hooked.hook_names import get_act_name

@@ -5,19 +5,23 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
-from transformer_lens import HookedRootModule
 
+from moe_hooked._tl import HookedRootModule
 from moe_hooked.cache import MoEActivationCache
 from moe_hooked.components import Embed, MoEBlock, MoEHookPoint, RMSNormPre, TransformerBlock, Unembed
 from moe_hooked.components.expert_store import ExpertStore, offload_experts, parse_memory_budget
 from moe_hooked.config import MoEConfig
 from moe_hooked.hook_names import HookPointNames
+from moe_hooked.sae import splice as sae_splice
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 ModelInput = str | Sequence[str] | Sequence[int] | Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"]
 ReturnType = Literal["logits", "loss", "both"] | None
@@ -319,3 +323,17 @@ class HookedMoETransformer(HookedRootModule):
         finally:
             for block in blocks:
                 block.compute_all_experts = False
+
+    # ------------------------------------------------------------------ SAEs (moe_hooked.sae)
+    def add_sae(self, sae: SAE, use_error_term: bool | None = None) -> str:
+        """Splice a SAELens SAE in at its hook (`sae.cfg.metadata.hook_name`) until `reset_saes`;
+        its features appear as `<hook>.hook_sae_acts_post` [batch pos d_sae]. See `moe_hooked.sae.add_sae`."""
+        return sae_splice.add_sae(self, sae, use_error_term)
+
+    def reset_saes(self, hook_names: Sequence[str] | None = None) -> None:
+        """Remove the SAEs spliced at `hook_names` (default: all)."""
+        sae_splice.reset_saes(self, hook_names)
+
+    def saes(self, saes: Sequence[SAE], use_error_term: bool | None = None) -> contextlib.AbstractContextManager:
+        """`with model.saes([sae, ...]):` splices the SAEs in for the block's duration."""
+        return sae_splice.saes(self, saes, use_error_term)

@@ -669,11 +669,162 @@ PAPER = header(
     ),
 ]
 
+# ---------------------------------------------------------------------------------- 05 SAEs and routing
+SAE_ROUTING = header(
+    "Sparse autoencoders on the router's input: which features pick the experts",
+    "A MoE router reads the residual stream after attention (`hook_resid_mid`, through the "
+    "layer's norm). This notebook trains a small sparse autoencoder (SAE) with SAELens on that "
+    "stream, finds the SAE features whose activation best predicts each expert's selection, "
+    "splices the SAE into the model so that its features are hook points, ablates one feature "
+    "and shows how the routing changes.\n\n"
+    "It needs `sae-lens` (`pip install \"moe_hooked[sae]\"`, which brings TransformerLens 3.x). "
+    "On the demo model and a CPU the training takes about a minute.",
+    config_extra="TRAIN_STEPS, BATCH_SIZE, D_SAE = 300, 128, 256  # SAE training: steps, activations per step, features\n",
+) + [
+    code(
+        """
+        try:
+            import sae_lens
+        except ImportError:
+            print("installing sae-lens")
+            %pip install --quiet "sae-lens>=6"
+            import sae_lens
+        """
+    ),
+    md("## Load the model"),
+    code(LOAD_FOR_HOOKS),
+    md(
+        """
+        ## Activations of the router's input
+
+        `HookActivationSource` streams the built-in corpora through the model (only up to the
+        hook's block) and yields shuffled batches `[BATCH_SIZE d_model]` of the hook's activation
+        on every real token, BOS excluded: the data provider SAELens's `SAETrainer` expects.
+        """
+    ),
+    code(
+        """
+        from moe_hooked.data import builtin_corpora
+        from moe_hooked.sae import HookActivationSource
+
+        hook_name = get_act_name("resid_mid", layer)
+        corpora = builtin_corpora()
+        source = HookActivationSource(model, hook_name, corpora, batch_size=BATCH_SIZE)
+        held_out = next(source)  # kept aside to measure the reconstruction
+        print(hook_name, tuple(held_out.shape))
+        """
+    ),
+    md("## Train an SAE with SAELens"),
+    code(
+        """
+        from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.saes.sae import SAEMetadata
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        torch.manual_seed(0)
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(
+            d_in=source.d_in, d_sae=D_SAE, l1_coefficient=5.0, normalize_activations="expected_average_only_in",
+            device=DEVICE, metadata=SAEMetadata(hook_name=hook_name)))
+        trainer_cfg = SAETrainerConfig(total_training_samples=TRAIN_STEPS * BATCH_SIZE, train_batch_size_samples=BATCH_SIZE,
+                                       lr=3e-3, lr_end=3e-3, device=DEVICE, n_batches_for_norm_estimate=20)
+        with torch.enable_grad():  # the configuration cell switched autograd off
+            SAETrainer(trainer_cfg, sae, source).fit()
+
+        features = sae.encode(held_out.float())  # [batch d_sae]
+        residual = held_out.float() - sae.decode(features)
+        unexplained = residual.pow(2).sum() / (held_out.float() - held_out.float().mean(0)).pow(2).sum()
+        print(f"variance unexplained {unexplained:.2f}, active features per token {(features > 0).sum(-1).float().mean():.1f}, "
+              f"features that never fired here {int(((features > 0).sum(0) == 0).sum())} of {D_SAE}")
+        """
+    ),
+    md(
+        """
+        ## Features that predict each expert's selection
+
+        `feature_routing` runs the corpora again and correlates every feature's activation with
+        every expert's selection at the layer (1 when the expert holds one of the token's top-k
+        slots), token by token. The three best features of each expert:
+        """
+    ),
+    code(
+        """
+        from moe_hooked.sae import feature_routing
+
+        routing = feature_routing(model, sae, corpora, progress=False)
+        top = routing.top_features(k=3)  # expert, rank, feature, correlation, feature_frequency
+        top.assign(feature_and_correlation=top.feature.astype(str) + " (" + top.correlation.round(2).astype(str) + ")").pivot(
+            index="expert", columns="rank", values="feature_and_correlation")
+        """
+    ),
+    md(
+        """
+        ## Splice the SAE in and ablate a feature
+
+        Within `model.saes([sae], use_error_term=True)` the SAE's reconstruction plus its error
+        flows on from `hook_resid_mid`, so the model's output is unchanged, and the features are
+        the hook point `<hook>.hook_sae_acts_post` `[batch pos d_sae]`. Zeroing one feature there
+        removes exactly its decoder direction from the router's input.
+        """
+    ),
+    code(
+        """
+        best = top[top["rank"] == 0].sort_values("correlation", ascending=False).iloc[0]
+        expert, feature = int(best.expert), int(best.feature)
+        print(f"layer {layer}: feature {feature} correlates {best.correlation:.2f} with the selection of expert {expert}")
+
+        texts = [text for texts in corpora.values() for text in texts[:6]]
+        acts_hook, chosen_hook = f"{hook_name}.hook_sae_acts_post", get_act_name("topk_indices", layer)
+        with model.saes([sae], use_error_term=True):
+            check_close(model(texts[0]), model.run_with_hooks(texts[0]), "logits with the SAE spliced vs without")
+
+
+        def ablate_feature(acts: torch.Tensor, hook) -> torch.Tensor:
+            acts[..., feature] = 0
+            return acts
+
+
+        def routing_per_token(fwd_hooks=()) -> tuple[torch.Tensor, torch.Tensor]:
+            \"\"\"Over every token of `texts` (BOS dropped): the feature's activation [tokens] and
+            which experts the layer chose [tokens n_experts], with `fwd_hooks` active.\"\"\"
+            first = int(cfg.default_prepend_bos)
+            acts, chosen = [], []
+            with model.saes([sae], use_error_term=True), model.hooks(fwd_hooks=list(fwd_hooks)):
+                for text in texts:
+                    _, cache = model.run_with_cache(text, names_filter=[acts_hook, chosen_hook])
+                    acts.append(cache[acts_hook][0, first:, feature])
+                    chosen.append(torch.nn.functional.one_hot(cache[chosen_hook][0, first:], cfg.n_experts).sum(-2))
+            return torch.cat(acts), torch.cat(chosen).float()
+
+
+        activation, clean = routing_per_token()
+        _, ablated = routing_per_token([(acts_hook, ablate_feature)])
+        active = activation > 0
+        changed = (clean != ablated).any(-1)
+        print(f"feature {feature} fires on {int(active.sum())} of {len(active)} tokens; ablating it changes the "
+              f"experts of {changed[active].float().mean():.0%} of those and of {changed[~active].float().mean():.0%} of the others")
+        pd.DataFrame({"clean": clean[active].mean(0), "feature ablated": ablated[active].mean(0)}).rename_axis(
+            "expert").round(3).T  # share of the feature's tokens that select each expert
+        """
+    ),
+    md(
+        """
+        On the demo model the chosen expert's share drops on the tokens where the feature fires
+        (and other experts take its slots), while tokens on which the feature does not fire keep
+        their routing: the feature is a direction of the router's input that the router reads
+        when it picks that expert.
+        """
+    ),
+]
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
     "02_interventions.ipynb": INTERVENTIONS,
     "03_moe_lens_paper.ipynb": PAPER,
+    "05_sae_routing.ipynb": SAE_ROUTING,
 }
+REQUIRES = {"05_sae_routing.ipynb": "sae_lens"}
+"""Notebooks that need an optional package: their execution test is skipped without it."""
 
 
 def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformer_lens.hook_points import HookPoint
+
+from moe_hooked._tl import HookPoint
 
 
 class HookShapeError(ValueError):

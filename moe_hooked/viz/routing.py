@@ -27,8 +27,8 @@ from circuitsvis.activations import text_neuron_activations
 from circuitsvis.tokens import colored_tokens, colored_tokens_multi
 from circuitsvis.utils.render import RenderedHTML
 from jaxtyping import Float, Int
-from transformer_lens import ActivationCache
 
+from moe_hooked._tl import ActivationCache
 from moe_hooked.hook_names import get_act_name
 from moe_hooked.model import HookedMoETransformer
 
