@@ -108,6 +108,16 @@ def test_export_loads_in_transformers_with_the_same_logits(pair, tmp_path):
         assert torch.allclose(exported(TOKENS).logits, hf(TOKENS).logits, atol=1e-5)
 
 
+def test_mla_weight_views(pair):
+    _, model = pair
+    attn, cfg = model.blocks[0].attn, model.cfg
+    assert attn.W_O.shape == (cfg.n_heads, cfg.v_head_dim, cfg.d_model)
+    assert torch.equal(attn.W_O[1], attn.w_o[:, cfg.v_head_dim : 2 * cfg.v_head_dim].T)
+    for view in ("W_Q", "W_K", "W_V"):
+        with pytest.raises(NotImplementedError, match="latent"):
+            getattr(attn, view)
+
+
 def test_zeroing_the_kv_latent_silences_the_attention(pair):
     _, model = pair
     name = "blocks.1.attn.hook_kv_latent"

@@ -66,15 +66,15 @@ class MLAttention(Attention):
 
     @property
     def W_Q(self):
-        raise AttributeError("MLAttention has no per-head W_Q: queries may go through a latent (w_q_a, w_q_b)")
+        raise NotImplementedError("MLAttention has no per-head W_Q: queries may go through a latent (w_q_a, w_q_b)")
 
     @property
     def W_K(self):
-        raise AttributeError("MLAttention has no W_K: keys are expanded from the latent (w_kv_a, w_kv_b)")
+        raise NotImplementedError("MLAttention has no W_K: keys are expanded from the latent (w_kv_a, w_kv_b)")
 
     @property
     def W_V(self):
-        raise AttributeError("MLAttention has no W_V: values are expanded from the latent (w_kv_a, w_kv_b)")
+        raise NotImplementedError("MLAttention has no W_V: values are expanded from the latent (w_kv_a, w_kv_b)")
 
     def project_qkv(self, x: Float[torch.Tensor, "batch pos d_model"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries and keys [batch pos head d_qk], values [batch pos head d_v]."""
