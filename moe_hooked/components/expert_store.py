@@ -277,6 +277,8 @@ class ExpertStore:
             self._local.stream = torch.cuda.Stream(self.device)
         view = staging[:nbytes].view(entry.dtype).view(entry.shape)
         read_into(f, entry, view)
+        # kernels queued on the default stream may still read the evicted expert that `dest` held
+        self._local.stream.wait_stream(torch.cuda.default_stream(self.device))
         with torch.cuda.stream(self._local.stream):
             dest.copy_(view, non_blocking=True)
         self._local.stream.synchronize()  # the copy is done before the staging buffer is reused or dest is used
