@@ -143,9 +143,11 @@ class ExpertStore:
         """Set the prefetch order: after each experts module, its successor's (name, router)."""
         self._next = {name: layers[i + 1] for i, (name, _) in enumerate(layers[:-1])}
 
-    def groups(self, experts: Sequence[int]) -> list[list[int]]:
-        """`experts` split into groups that fit in the budget together."""
-        return [list(experts[i : i + self.n_slots]) for i in range(0, len(experts), self.n_slots)]
+    def groups(self, name: str, experts: Sequence[int]) -> list[list[int]]:
+        """`experts` of module `name` split into groups that fit in the budget together, those
+        already resident first (so that loading the others does not evict them before use)."""
+        experts = sorted(experts, key=lambda e: (name, e) not in self._slot_of)
+        return [experts[i : i + self.n_slots] for i in range(0, len(experts), self.n_slots)]
 
     @contextlib.contextmanager
     def resident(self, name: str, experts: Sequence[int]) -> Iterator[None]:
@@ -275,6 +277,8 @@ class ExpertStore:
             self._local.stream = torch.cuda.Stream(self.device)
         view = staging[:nbytes].view(entry.dtype).view(entry.shape)
         read_into(f, entry, view)
+        # kernels queued on the default stream may still read the evicted expert that `dest` held
+        self._local.stream.wait_stream(torch.cuda.default_stream(self.device))
         with torch.cuda.stream(self._local.stream):
             dest.copy_(view, non_blocking=True)
         self._local.stream.synchronize()  # the copy is done before the staging buffer is reused or dest is used

@@ -119,15 +119,15 @@ class Experts(nn.Module):
 
     def forward_all(self, x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n n_experts d_model"]:
         """Every expert on every token (memory: n * n_experts * d_model values)."""
-        outs = []
+        outs = {}
         for group in self._groups(range(self.cfg.n_experts)):
             with self._resident(group):
-                outs += [self.expert(e, x) for e in group]
-        return torch.stack(outs, dim=1)
+                outs |= {e: self.expert(e, x) for e in group}
+        return torch.stack([outs[e] for e in range(self.cfg.n_experts)], dim=1)
 
     def _groups(self, experts: Sequence[int]) -> list[list[int]]:
         """`experts` in groups that can be resident together (one group when not offloaded)."""
-        return [list(experts)] if self.store is None else self.store.groups(list(experts))
+        return [list(experts)] if self.store is None else self.store.groups(self.store_name, experts)
 
     def _resident(self, experts: list[int]) -> contextlib.AbstractContextManager:
         """Keep `experts` resident within the context (a no-op when not offloaded)."""
