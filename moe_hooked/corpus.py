@@ -150,7 +150,8 @@ def deal(items: Iterable[T]) -> Iterator[T]:
     For work that is expensive per item rather than per token (one run per (layer, expert)):
     compute this rank's items, write each result into a zero-filled table, and sum the tables
     with :func:`all_reduce_sums` (each entry then holds the one rank's value); read the corpus
-    inside with `corpus_batches(..., split=False)`.
+    inside with `corpus_batches(..., split=False)`, which exchanges nothing, after one
+    :func:`check_same_inputs` of the corpora and options.
     """
     rank, world = rank_and_world()
     for i, item in enumerate(items):
