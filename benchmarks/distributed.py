@@ -33,10 +33,13 @@ REPORT_STAGES = ("routing statistics", "top-1 vs top-k cosine", "perplexity vs t
 
 
 def worker(tokens_per_domain: int) -> None:
-    """Inside torchrun: time routing_stats; rank 0 prints `{"tokens", "seconds"}` as JSON."""
+    """Inside torchrun: time routing_stats; rank 0 prints `{"tokens", "seconds", "cpu"}` as JSON
+    (`cpu`: each rank's process CPU seconds over the same span)."""
+    import torch
+
     from moe_hooked import HookedMoETransformer
     from moe_hooked.analysis import routing_stats
-    from moe_hooked.corpus import barrier
+    from moe_hooked.corpus import all_reduce_sums, barrier
     from moe_hooked.data import builtin_corpora
     from moe_hooked.launch import process_group_from_env
 
@@ -45,12 +48,15 @@ def worker(tokens_per_domain: int) -> None:
         model = HookedMoETransformer.from_pretrained("moe-hooked/demo")
         routing_stats(model, corpora, max_tokens=512, progress=False)  # warm-up
         barrier("benchmark")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         counts = routing_stats(model, corpora, max_tokens=tokens_per_domain, progress=False)
         barrier("benchmark")
         seconds = time.perf_counter() - start
+        cpu = torch.zeros(launch.world_size)
+        cpu[launch.rank] = time.process_time() - cpu_start
+        (cpu,) = all_reduce_sums([cpu], "benchmark")
         if launch.rank == 0:
-            print(json.dumps({"tokens": int(counts.tokens[:, 0].sum()), "seconds": seconds}))
+            print(json.dumps({"tokens": int(counts.tokens[:, 0].sum()), "seconds": seconds, "cpu": cpu.tolist()}))
 
 
 def _env() -> dict[str, str]:
@@ -93,6 +99,11 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
+def _busiest_cpu(group: list[dict]) -> float:
+    """The largest over ranks of each rank's median CPU seconds."""
+    return max(statistics.median(per_rank) for per_rank in zip(*(run["cpu"] for run in group)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3, help="rounds of (1 process, 2 processes) per measure")
@@ -119,6 +130,10 @@ def main() -> None:
         tokens = runs[name, 1][0]["tokens"]
         rows.append((label, tokens, f"{one:.1f}", f"{tokens / one:.0f}", f"{two:.1f}", f"{tokens / two:.0f}",
                      f"{one / two:.2f}x"))
+    tokens = runs["routing_stats", 1][0]["tokens"]
+    one, two = (_busiest_cpu(runs["routing_stats", n]) for n in (1, 2))
+    rows.append(("routing_stats, CPU seconds of the busiest rank (the wall time on an idle machine)", tokens,
+                 f"{one:.1f}", f"{tokens / one:.0f}", f"{two:.1f}", f"{tokens / two:.0f}", f"{one / two:.2f}x"))
     table = markdown_table(["measure", "corpus tokens", "1 process s", "tokens/s", "2 processes s", "tokens/s",
                             "speed-up"], rows)
     loads = [run["load"] for group in runs.values() for run in group]

@@ -14,6 +14,8 @@ code runs data-parallel, and this module is the only place that knows it:
   corpora, the options and the model (:func:`check_same_inputs`).
 - :func:`all_reduce_sums` is each analysis's final accumulation: sums over ranks, in float64 for
   floats and exact for integers, so every rank returns the single-process result.
+- :func:`gather_by_batch` collects per-batch values that are not sums (e.g. per-sequence losses
+  for a bootstrap) from every rank, in the single-process order.
 - :func:`deal` splits any other list of work items (e.g. one run per expert) the same way.
 - :func:`shared_failures` (a decorator on every analysis) makes a rank that raises tell the
   others at their next synchronisation point, so the whole job fails with one clear error
@@ -74,6 +76,7 @@ def corpus_batches(
     tokens read per domain (BOS included). `what` names the caller in error messages and
     progress bars.
 
+    `batch.index` is the batch's position in the whole stream (all domains, all ranks).
     In a process group (and with `split`), this rank gets only its share of the batches (global
     batch `i`, counted over all domains in order, goes to rank `i % world_size`), after checking
     that every rank has the same corpora, options and model; only rank 0 shows progress.
@@ -87,10 +90,10 @@ def corpus_batches(
     if split and rank_and_world()[1] > 1:
         check_same_inputs(model, what, corpora={d: list(t) for d, t in corpora.items()}, options=(max_length, batch_size, max_tokens))
     progress = progress and is_main_process()
-    batches = _all_batches(model, corpora, max_length, batch_size, max_tokens, progress, what)
+    batches = enumerate(_all_batches(model, corpora, max_length, batch_size, max_tokens, progress, what))
     device = model.W_E.device
-    for d, batch in deal(batches) if split else batches:
-        yield d, TokenBatch(batch.tokens.to(device), batch.attention_mask.to(device), batch.domain)
+    for index, (d, batch) in deal(batches) if split else batches:
+        yield d, TokenBatch(batch.tokens.to(device), batch.attention_mask.to(device), batch.domain, index)
 
 
 def _all_batches(
@@ -147,7 +150,8 @@ def deal(items: Iterable[T]) -> Iterator[T]:
     For work that is expensive per item rather than per token (one run per (layer, expert)):
     compute this rank's items, write each result into a zero-filled table, and sum the tables
     with :func:`all_reduce_sums` (each entry then holds the one rank's value); read the corpus
-    inside with `corpus_batches(..., split=False)`.
+    inside with `corpus_batches(..., split=False)`, which exchanges nothing, after one
+    :func:`check_same_inputs` of the corpora and options.
     """
     rank, world = rank_and_world()
     for i, item in enumerate(items):
@@ -184,6 +188,20 @@ def all_reduce_sums(tensors: Sequence[torch.Tensor], what: str = "analysis") -> 
         for t, part in zip(group, flat.split([t.numel() for t in group])):
             t.copy_(part.view(t.shape))
     return totals
+
+
+def gather_by_batch(per_batch: Mapping[int, T], what: str = "analysis") -> list[T]:
+    """Per-batch results of every rank, in the single-process order: `per_batch` maps
+    `batch.index` (from :func:`corpus_batches`) to anything picklable, e.g. a tensor of
+    per-sequence values for a bootstrap over sequences. Every rank gets the full list
+    (`[per_batch[i] for i in sorted indices]`); without a process group, this rank's values.
+    The values travel pickled: move tensors to the CPU first.
+    """
+    merged = dict(per_batch)
+    if rank_and_world()[1] > 1:
+        for share in _exchange(what, dict(per_batch)):
+            merged.update(share)
+    return [merged[i] for i in sorted(merged)]
 
 
 @contextmanager

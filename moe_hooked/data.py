@@ -164,12 +164,14 @@ class TokenBatch:
     """A right-padded batch of token chunks.
 
     tokens: ``[batch pos]`` long; attention_mask: ``[batch pos]`` long, 1 on real tokens
-    (BOS included), 0 on padding (use ``.bool()`` to index); domain: the corpus's name, if given.
+    (BOS included), 0 on padding (use ``.bool()`` to index); domain: the corpus's name, if given;
+    index: the batch's position in the whole stream over all domains (set by ``corpus_batches``).
     """
 
     tokens: torch.Tensor
     attention_mask: torch.Tensor
     domain: str | None = None
+    index: int | None = None
 
     @property
     def n_tokens(self) -> int:

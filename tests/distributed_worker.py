@@ -18,7 +18,7 @@ import torch
 from moe_hooked import HookedMoETransformer
 from moe_hooked.analysis import perplexity_vs_top_k, pruning_curve, routing_stats, top_tokens_per_expert
 from moe_hooked.cli import main as cli_main
-from moe_hooked.corpus import all_reduce_sums, rank_and_world
+from moe_hooked.corpus import all_reduce_sums, corpus_batches, gather_by_batch, rank_and_world
 from moe_hooked.data import builtin_corpora
 from moe_hooked.interventions import expert_output_means
 from moe_hooked.launch import process_group_from_env
@@ -52,6 +52,9 @@ def compute_all(model: HookedMoETransformer) -> dict:
     for name, setting in SETTINGS.items():
         corpora = corpora_for(setting)
         budget = budget_of(setting)
+        lengths = {batch.index: batch.attention_mask.sum(-1).cpu()  # real tokens per sequence
+                   for _, batch in corpus_batches(model, corpora, progress=False, what="lengths", **budget)}
+        results[name, "gather_by_batch"] = torch.cat(gather_by_batch(lengths, "lengths")).numpy()
         counts = routing_stats(model, corpora, progress=False, **budget)
         results[name, "routing_stats"] = {k: getattr(counts, k) for k in ("counts", "tokens", "coactivation", "entropy_sum")}
         texts = next(iter(corpora.values()))
