@@ -69,6 +69,7 @@ from moe_hooked.viz import (
     specialization_figure,
     to_png,
 )
+from moe_hooked.viz.tokens import readable_str_tokens
 
 DEFAULT_MODEL = "moe-hooked/demo"
 DEFAULT_OUT = "moe_hooked_report"
@@ -260,7 +261,7 @@ def _run_samples(inputs: ReportInputs, results: _Results, folder: Path, slugs: d
             _, cache = model.run_with_cache(tokens, return_type=None)
         lens = expert_lens(model, cache, pos=-1, include_shared=include_shared)
         frames.append(lens.assign(domain=domain)[["domain", *lens.columns]])
-        str_tokens = model.to_str_tokens(tokens[0])
+        str_tokens = readable_str_tokens(model, tokens[0])
         grid = ExpertLensGrid(lens, title=f"{domain}: next token after the prompt, decoded at each MoE layer")
         grid.save(folder / f"expert_lens_{slugs[domain]}.html")
         routing_view(cache, str_tokens).save(folder / f"routing_{slugs[domain]}.html")
@@ -306,8 +307,17 @@ iframe { width: 100%; height: 260px; border: 1px solid #ddd; }
 """
 
 
+P_VALUE_FLOOR = 1e-300
+"""p-values below this (down to those that underflowed to 0) display as "< 1e-300"."""
+
+
+def _p_value_text(p: float) -> str:
+    return f"< {P_VALUE_FLOOR:.0e}" if p < P_VALUE_FLOOR else f"{p:.4g}"
+
+
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(classes="data", index=False, border=0, float_format=lambda x: f"{x:.4g}")
+    p_values = {column: frame[column].map(_p_value_text) for column in frame.columns if column.startswith("p_")}
+    return frame.assign(**p_values).to_html(classes="data", index=False, border=0, float_format=lambda x: f"{x:.4g}")
 
 
 def _key_values(values: Mapping[str, object]) -> str:

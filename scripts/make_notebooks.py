@@ -22,15 +22,31 @@ DEMO_MODEL = "moe-hooked/demo"
 
 # ---------------------------------------------------------------------------------- shared cells
 INSTALL = """\
-# Installs moe_hooked only when it is not importable yet (e.g. on Colab). Set MOE_HOOKED_SOURCE to
-# where pip finds the package: a git URL such as "git+https://github.com/<org>/moe_hooked",
-# a wheel file or a local checkout.
-MOE_HOOKED_SOURCE = "moe_hooked"
+# Installs moe_hooked only when it is not importable yet (e.g. on Colab), from the source YOU set:
+# a git URL such as "git+https://github.com/<org>/moe_hooked@<commit or tag>", a wheel file or a
+# local checkout. moe_hooked is not published on the package index: never install it by bare name
+# (whoever registered that name there would run code here).
+MOE_HOOKED_SOURCE = ""
 try:
     import moe_hooked
 except ImportError:
-    print(f"installing moe_hooked from {MOE_HOOKED_SOURCE!r}")
-    %pip install --quiet {MOE_HOOKED_SOURCE}
+    import os
+
+    source = MOE_HOOKED_SOURCE.strip()
+    if not source:
+        raise RuntimeError(
+            "moe_hooked is not installed: set MOE_HOOKED_SOURCE in this cell to a git URL, a wheel file "
+            "or a local checkout of moe_hooked, then run the cell again"
+        ) from None
+    if os.path.exists(source):
+        source = os.path.abspath(source)  # a path pip cannot mistake for a package name
+    elif not (source.startswith("git+") or "://" in source):
+        raise RuntimeError(
+            f"MOE_HOOKED_SOURCE={source!r} is neither a URL nor an existing file or folder; a bare name "
+            "would install whatever the package index holds under it: use a git URL, a wheel or a checkout"
+        )
+    print(f"installing moe_hooked from {source!r}")
+    %pip install --quiet {source}
     import moe_hooked
 """
 

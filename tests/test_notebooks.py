@@ -67,8 +67,8 @@ def test_notebook_opens_with_title_install_and_config(name):
     lines = [line.strip() for line in install.source.splitlines()]
     # pip runs only in the except branch of the import, i.e. when moe_hooked is not importable
     assert lines.index("try:") < lines.index("import moe_hooked") < lines.index("except ImportError:")
-    assert lines.index("except ImportError:") < lines.index("%pip install --quiet {MOE_HOOKED_SOURCE}")
-    assert 'MOE_HOOKED_SOURCE = "moe_hooked"' in lines
+    assert lines.index("except ImportError:") < lines.index("%pip install --quiet {source}")
+    assert 'MOE_HOOKED_SOURCE = ""' in lines
     config_lines = config.source.splitlines()
     assert any(line.startswith('MODEL, DTYPE, DEVICE = "moe-hooked/demo"') for line in config_lines)
     assert '# MODEL, DTYPE, DEVICE = "allenai/OLMoE-1B-7B-0924", torch.bfloat16, "cuda"' in config_lines

@@ -9,7 +9,7 @@ from hf_models import qwen2_moe_config
 from tiny import tiny_model
 
 from moe_hooked.lens import expert_lens, logit_lens, topk_cosine_from_cache
-from moe_hooked.viz.routing import routing_weights
+from moe_hooked.viz.routing import routing_view, routing_weights
 
 TEXTS = [
     "The cat sat on the mat and looked at the moon.",
@@ -74,12 +74,13 @@ def assert_same_lens(batch_lens, row_lens):
 
 def test_last_token_lenses_and_routing_read_each_rows_last_real_token(model, padded, alone):
     _, _, _, cache = padded
-    for i, (_, _, row_cache) in enumerate(alone):
+    for i, (row_tokens, _, row_cache) in enumerate(alone):
         assert_same_lens(logit_lens(model, cache, pos=-1, batch=i), logit_lens(model, row_cache, pos=-1))
         assert_same_lens(expert_lens(model, cache, pos=-1, batch=i), expert_lens(model, row_cache, pos=-1))
         assert_same_lens(expert_lens(model, cache, pos=-3, batch=i), expert_lens(model, row_cache, pos=-3))
         batch_routing, layers = routing_weights(cache, batch=i)
         torch.testing.assert_close(batch_routing, routing_weights(row_cache)[0], atol=1e-5, rtol=1e-5)
+        routing_view(cache, model.to_str_tokens(row_tokens[0]), batch=i)  # one label per real token
 
 
 def test_cosine_from_a_padded_cache_counts_only_real_tokens(model, padded):

@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from moe_hooked._tl import ActivationCache
 from moe_hooked.hook_names import get_act_name
 from moe_hooked.model import HookedMoETransformer
+from moe_hooked.viz.tokens import readable_str_tokens
 
 ROUTING_HOOKS = ("topk_indices", "topk_weights")
 _TOPK_NAME = re.compile(r"blocks\.(\d+)\.mlp\.hook_topk_indices")
@@ -75,10 +76,11 @@ def _html_tokens(str_tokens: list[str]) -> list[str]:
 def routing_cache(
     model: HookedMoETransformer, prompt: str, prepend_bos: bool | None = None
 ) -> tuple[ActivationCache, list[str]]:
-    """Run `prompt` caching only the routing hooks; returns (cache, string tokens)."""
+    """Run `prompt` caching only the routing hooks; returns (cache, string tokens), the pieces of
+    a character split by byte-level BPE labelled readably (see `readable_str_tokens`)."""
     names = {get_act_name(hook, layer) for layer in model.cfg.moe_layers for hook in ROUTING_HOOKS}
     _, cache = model.run_with_cache(prompt, return_type=None, prepend_bos=prepend_bos, names_filter=lambda n: n in names)
-    return cache, model.to_str_tokens(prompt, prepend_bos=prepend_bos)
+    return cache, readable_str_tokens(model, model.to_tokens(prompt, prepend_bos=prepend_bos)[0])
 
 
 def cached_moe_layers(cache: ActivationCache) -> list[int]:
@@ -135,7 +137,7 @@ def _routing_inputs(
         raise TypeError(f"expected a HookedMoETransformer or an ActivationCache, got {type(source).__name__}")
     if isinstance(tokens, str):
         raise TypeError("with a cache, pass the prompt's string tokens (model.to_str_tokens(prompt)), not the text")
-    n_pos = source[get_act_name("topk_indices", cached_moe_layers(source)[0])].shape[1]
+    n_pos = _real_rows(source, batch, source[get_act_name("topk_indices", cached_moe_layers(source)[0])]).shape[0]
     if len(tokens) != n_pos:
         raise ValueError(f"{len(tokens)} string tokens given but the cache has {n_pos} positions")
     return source, _html_tokens(list(tokens)), batch
