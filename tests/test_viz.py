@@ -365,6 +365,21 @@ def test_line_figures_plot_the_table():
         cosine_figure(cosine.drop(columns="cosine"))
 
 
+def test_cosine_figure_shows_the_baselines_with_intervals():
+    variants = ["all_tokens", "last_token", "u_only", "update"]
+    cosine = pd.DataFrame({"domain": "en", "layer": np.repeat([1, 2], 4), "variant": variants * 2,
+                           "cosine": [0.99, 0.98, 0.95, 0.7, 0.97, 0.96, 0.9, 0.6], "n_tokens": 10})
+    cosine["ci_low"], cosine["ci_high"] = cosine["cosine"] - 0.01, cosine["cosine"] + 0.02
+    fig = cosine_figure(cosine)
+    assert [ax.get_title() for ax in fig.axes] == [
+        "cos(H^1, H^k), all tokens", "cos(H^1, H^k), last token (paper)",
+        "baseline cos(u, H^k): residual alone", "cos(H^1 - u, H^k - u): the updates"]
+    assert_lines(fig.axes[2], {"en": ([1, 2], [0.95, 0.9])})
+    assert_lines(fig.axes[3], {"en": ([1, 2], [0.7, 0.6])})
+    band = fig.axes[3].collections[0].get_paths()[0].vertices  # the shaded interval spans low..high
+    np.testing.assert_allclose([band[:, 1].min(), band[:, 1].max()], [0.59, 0.72])
+
+
 def test_coactivation_figure_shows_the_matrix():
     matrix = np.array([[1.0, 0.2, 0.0], [0.2, 1.0, 0.5], [0.0, 0.5, 1.0]])
     fig = coactivation_figure(matrix, title="layer 3")

@@ -46,12 +46,15 @@ def _panels(n: int, ncols: int, size: tuple[float, float] = PANEL_SIZE) -> tuple
     return fig, axes[:n]
 
 
-def _lines(ax: Axes, frame: pd.DataFrame, x: str, y: str, by: str = "domain") -> None:
+def _lines(ax: Axes, frame: pd.DataFrame, x: str, y: str, by: str = "domain", band: tuple[str, str] | None = None) -> None:
     """One line per value of `by` (in order of appearance), points sorted by `x`; whole-number
-    x values get whole-number ticks."""
+    x values get whole-number ticks. `band`: (low, high) columns drawn as a shaded interval."""
     for label, rows in frame.groupby(by, sort=False):
         rows = rows.sort_values(x)
-        ax.plot(rows[x].to_numpy(), rows[y].to_numpy(), marker="o", markersize=3, label=str(label))
+        (line,) = ax.plot(rows[x].to_numpy(), rows[y].to_numpy(), marker="o", markersize=3, label=str(label))
+        if band is not None:
+            ax.fill_between(rows[x].to_numpy(), rows[band[0]].to_numpy(), rows[band[1]].to_numpy(),
+                            color=line.get_color(), alpha=0.2, linewidth=0)
     if pd.api.types.is_integer_dtype(frame[x]):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
@@ -87,15 +90,29 @@ def specialization_figure(
     return fig
 
 
-def cosine_figure(cosine: pd.DataFrame) -> Figure:
-    """Mean cos(H^{l,1}, H^{l,k}) against the layer, one line per domain; one panel per
-    variant ("all_tokens", "last_token"). `cosine`: `topk_cosine(...)`."""
+COSINE_TITLES = {
+    "all_tokens": "cos(H^1, H^k), all tokens",
+    "last_token": "cos(H^1, H^k), last token (paper)",
+    "u_only": "baseline cos(u, H^k): residual alone",
+    "update": "cos(H^1 - u, H^k - u): the updates",
+}
+
+
+def _band(frame: pd.DataFrame) -> tuple[str, str] | None:
+    return ("ci_low", "ci_high") if {"ci_low", "ci_high"} <= set(frame.columns) else None
+
+
+def cosine_figure(cosine: pd.DataFrame, ncols: int = 2) -> Figure:
+    """Mean cosine against the layer, one line per domain (shaded: its bootstrap interval, when
+    the table has `ci_low`, `ci_high`); one panel per variant: the paper's top-1 vs top-k over
+    all tokens and over the last token, and the baselines "u_only" and "update" that say how
+    much of that similarity the residual alone explains. `cosine`: `topk_cosine(...)`."""
     _require(cosine, ["domain", "layer", "variant", "cosine"], "topk_cosine")
     variants = list(cosine["variant"].unique())
-    fig, axes = _panels(len(variants), len(variants))
+    fig, axes = _panels(len(variants), ncols)
     for ax, variant in zip(axes, variants):
-        _lines(ax, cosine[cosine["variant"] == variant], "layer", "cosine")
-        ax.set(title=f"top-1 vs top-k cosine ({variant})", xlabel="layer", ylabel="cosine similarity")
+        _lines(ax, cosine[cosine["variant"] == variant], "layer", "cosine", band=_band(cosine))
+        ax.set(title=COSINE_TITLES.get(variant, variant), xlabel="layer", ylabel="cosine similarity")
     return fig
 
 
