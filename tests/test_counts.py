@@ -255,7 +255,9 @@ def test_adjust_pvalues_monotonicity_and_clipping():
 def test_specialization_by_hand():
     df = specialization(toy())
     assert list(df.columns) == ["domain", "layer", "expert", "count", "tokens", "fraction",
-                                "baseline", "ratio", "p_value", "p_adjusted", "specialized"]
+                                "baseline", "ratio", "ratio_ci_low", "ratio_ci_high", "p_value", "p_adjusted",
+                                "specialized"]
+    assert df["ratio_ci_low"].isna().all()  # no per-sequence counts: no interval
     a1 = rows(df, "a", 1)
     np.testing.assert_allclose(a1.fraction, [1.0, 0.6, 0.4, 0.0])
     np.testing.assert_allclose(a1.ratio, [2.0, 1.2, 0.8, 0.0])

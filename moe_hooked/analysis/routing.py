@@ -43,17 +43,24 @@ class _RoutingAccumulator:
         if coactivation:
             self.coactivation = torch.zeros(*shape, cfg.n_experts, cfg.n_experts, dtype=torch.long, device=device)
         self.layers = list(cfg.moe_layers)
+        self.sequences: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (domain, counts [b L E], tokens [b])
 
     def hooks(self, domain: int, mask: Bool[torch.Tensor, "batch pos"]) -> list[tuple[str, Callable]]:
         """Forward hooks that add one batch (real tokens: `mask`) into the sums of `domain`."""
+        per_sequence = torch.zeros(mask.shape[0], len(self.layers), self.n_experts, dtype=torch.int32, device=mask.device)
+        self.sequences.append((domain, per_sequence, mask.sum(-1)))
         hooks = []
         for i, layer in enumerate(self.layers):
-            hooks.append((get_act_name("topk_indices", layer), partial(self._count, domain, i, mask)))
+            hooks.append((get_act_name("topk_indices", layer), partial(self._count, domain, i, mask, per_sequence)))
             hooks.append((get_act_name("router_probs", layer), partial(self._entropy, domain, i, mask)))
         return hooks
 
-    def _count(self, d: int, i: int, mask: torch.Tensor, indices: Int[torch.Tensor, "batch pos k"], hook) -> None:
-        selected = F.one_hot(indices[mask], self.n_experts).amax(dim=-2)  # [n_tokens E], 1 where in the top-k
+    def _count(
+        self, d: int, i: int, mask: torch.Tensor, per_sequence: torch.Tensor, indices: Int[torch.Tensor, "batch pos k"], hook
+    ) -> None:
+        in_top_k = F.one_hot(indices, self.n_experts).amax(dim=-2)  # [batch pos E], 1 where in the top-k
+        per_sequence[:, i] = (in_top_k * mask[..., None]).sum(1).int()
+        selected = in_top_k[mask]  # [n_tokens E]
         self.counts[d, i] += selected.sum(0)
         self.tokens[d, i] += selected.shape[0]
         if self.coactivation is not None:
@@ -75,6 +82,9 @@ class _RoutingAccumulator:
             top_k=top_k,
             coactivation=numpy(self.coactivation),
             entropy_sum=numpy(self.entropy_sum),
+            sequence_counts=torch.cat([c for _, c, _ in self.sequences]).cpu().numpy(),
+            sequence_tokens=torch.cat([n for _, _, n in self.sequences]).cpu().numpy(),
+            sequence_domains=np.concatenate([np.full(len(n), d) for d, _, n in self.sequences]),
         )
 
 
@@ -101,7 +111,9 @@ def routing_stats(
     domain's tokens. An expert counts for a token when it is among the token's top-k
     (`hook_topk_indices`), whatever its weight. Also accumulated: `coactivation`
     [D, L, E, E] (tokens on which both experts are selected; optional) and `entropy_sum`
-    [D, L] (sum over tokens of the router softmax entropy, nats).
+    [D, L] (sum over tokens of the router softmax entropy, nats), and per sequence (chunk)
+    its counts [S, L, E] (int32: 4 * L * E bytes per chunk), tokens and domain, for the
+    sequence-level test and intervals of `specialization`.
 
     The forward pass stops after the last MoE layer and keeps no activations: memory is
     that of one batch plus the accumulators, whatever the corpus size.
