@@ -271,8 +271,12 @@ def _write_figures(results: _Results, folder: Path, slugs: dict[str, str]) -> No
     figures = {
         "Specialization: fraction of each domain's tokens routed to each expert (dashed: uniform k/E)":
             ("specialization", specialization_figure(tables["specialization"], layers=_spec_layers(counts.layers))),
-        "Top-1 vs top-k cosine similarity per layer": ("cosine", cosine_figure(tables["cosine"])),
-        "Normalised log-perplexity vs experts kept": ("perplexity", perplexity_figure(tables["perplexity"])),
+        "Top-1 vs top-k cosine per layer, beside the baselines cos(u, H^k) and cos(H^1 - u, H^k - u) "
+        "(shaded: 95% bootstrap interval)": ("cosine", cosine_figure(tables["cosine"])),
+        "Change in log-perplexity vs experts kept, from the unmodified model (shaded: 95% bootstrap interval "
+        "over chunks)": ("perplexity", perplexity_figure(tables["perplexity"])),
+        "The paper's min-max normalised log-perplexity (hides the size and direction of each change)":
+            ("perplexity_normalized", perplexity_figure(tables["perplexity"], value="normalized_log_ppl")),
         "Perplexity when pruning each layer's least-used experts": ("pruning", pruning_figure(tables["pruning"])),
     }
     if counts.coactivation is not None:

@@ -332,7 +332,7 @@ def test_specialization_figure_bars_and_baseline():
 
 
 def assert_lines(ax, expected: dict[str, tuple[list, list]]):
-    lines = {line.get_label(): line for line in ax.lines}
+    lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}  # not reference lines
     assert list(lines) == list(expected)
     for label, (x, y) in expected.items():
         np.testing.assert_allclose(lines[label].get_xdata(), x)
@@ -353,8 +353,17 @@ def test_line_figures_plot_the_table():
     assert_lines(last_token, {"en": ([0, 2], [0.8, 0.6]), "fr": ([0, 2], [0.85, 0.65])})
 
     ppl = pd.DataFrame({"domain": ["en", "en", "en"], "k": [3, 1, 2], "mean_log_ppl": [1.0, 3.0, 2.0],
-                        "ppl": np.exp([1.0, 3.0, 2.0]), "normalized_log_ppl": [0.0, 1.0, 0.5], "n_tokens": 5})
-    assert_lines(perplexity_figure(ppl).axes[0], {"en": ([1, 2, 3], [1.0, 0.5, 0.0])})
+                        "ppl": np.exp([1.0, 3.0, 2.0]), "delta_log_ppl": [0.0, 2.0, 1.0], "ci_low": [0.0, 1.5, 0.8],
+                        "ci_high": [0.0, 2.5, 1.2], "ppl_ratio": np.exp([0.0, 2.0, 1.0]),
+                        "normalized_log_ppl": [0.0, 1.0, 0.5], "n_tokens": 5})
+    default = perplexity_figure(ppl).axes[0]
+    assert_lines(default, {"en": ([1, 2, 3], [2.0, 1.0, 0.0])})
+    assert default.get_ylabel().startswith("change in log-perplexity")
+    band = default.collections[0].get_paths()[0].vertices
+    np.testing.assert_allclose([band[:, 1].min(), band[:, 1].max()], [0.0, 2.5])
+    normalized = perplexity_figure(ppl, value="normalized_log_ppl").axes[0]
+    assert_lines(normalized, {"en": ([1, 2, 3], [1.0, 0.5, 0.0])})
+    assert "min-max normalised" in normalized.get_ylabel() and not normalized.collections
     assert_lines(perplexity_figure(ppl, value="ppl").axes[0], {"en": ([1, 2, 3], np.exp([3.0, 2.0, 1.0]))})
 
     pruning = pd.DataFrame({"domain": ["en", "en", "fr", "fr"], "fraction": [0.0, 0.5, 0.0, 0.5],

@@ -3,7 +3,8 @@
 - :func:`specialization_figure` -- Figure 1: per expert, the fraction of each domain's tokens
   routed to it, with the uniform baseline k/E dashed; one panel per MoE layer.
 - :func:`cosine_figure` -- Figure 3 (left): cos(H^{l,1}, H^{l,k}) per layer, one line per domain.
-- :func:`perplexity_figure` -- Figure 3 (right): normalised log-perplexity against k'.
+- :func:`perplexity_figure` -- Figure 3 (right): the change in log-perplexity against k', with
+  intervals (the paper's min-max normalised variant as an option).
 - :func:`coactivation_figure` -- an [E, E] co-activation matrix as a heatmap.
 - :func:`pruning_figure` -- perplexity against the fraction of least-used experts pruned.
 
@@ -116,13 +117,32 @@ def cosine_figure(cosine: pd.DataFrame, ncols: int = 2) -> Figure:
     return fig
 
 
-def perplexity_figure(perplexity: pd.DataFrame, value: str = "normalized_log_ppl") -> Figure:
-    """`value` (default the per-domain min-max normalised log-perplexity) against the number
-    of experts kept, k', one line per domain. `perplexity`: `perplexity_vs_top_k(...)`."""
+PERPLEXITY_LABELS = {
+    "delta_log_ppl": "change in log-perplexity vs all top-k experts (nats)",
+    "ppl_ratio": "perplexity ratio to all top-k experts",
+    "normalized_log_ppl": "min-max normalised log-perplexity (the paper's; hides size and direction)",
+    "mean_log_ppl": "log-perplexity (nats)",
+    "ppl": "perplexity",
+}
+
+
+def perplexity_figure(perplexity: pd.DataFrame, value: str = "delta_log_ppl") -> Figure:
+    """`value` against the number of experts kept, k', one line per domain. Default: the change
+    in log-perplexity from the unmodified model, shaded with its bootstrap interval
+    (`ci_low`, `ci_high`); "ppl_ratio" draws exp of both; "normalized_log_ppl" is the
+    paper's per-domain min-max normalisation, labelled as such. `perplexity`:
+    `perplexity_vs_top_k(...)`."""
     _require(perplexity, ["domain", "k", value], "perplexity_vs_top_k")
-    fig, (ax,) = _panels(1, 1)
-    _lines(ax, perplexity, "k", value)
-    ax.set(title="perplexity vs experts kept", xlabel="k' (experts kept per token)", ylabel=value)
+    band = _band(perplexity) if value in ("delta_log_ppl", "ppl_ratio") else None
+    frame = perplexity
+    if band is not None and value == "ppl_ratio":
+        frame = perplexity.assign(ci_low=np.exp(perplexity["ci_low"]), ci_high=np.exp(perplexity["ci_high"]))
+    fig, (ax,) = _panels(1, 1, (6.4, 3.6))
+    _lines(ax, frame, "k", value, band=band)
+    if value in ("delta_log_ppl", "ppl_ratio"):
+        ax.axhline(0.0 if value == "delta_log_ppl" else 1.0, color="black", linewidth=0.8)
+    ax.set(title="perplexity vs experts kept", xlabel="k' (experts kept per token)",
+           ylabel=PERPLEXITY_LABELS.get(value, value))
     return fig
 
 
