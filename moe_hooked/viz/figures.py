@@ -7,6 +7,7 @@
   intervals (the paper's min-max normalised variant as an option).
 - :func:`coactivation_figure` -- an [E, E] co-activation matrix as a heatmap.
 - :func:`pruning_figure` -- perplexity against the fraction of least-used experts pruned.
+- :func:`importance_figure` -- causal importance against routing frequency, per layer.
 
 Each returns a `matplotlib.figure.Figure` created without pyplot, so nothing depends on the
 backend (Agg, inline, none) and no global figure state is left behind. Notebooks display it;
@@ -153,6 +154,32 @@ def pruning_figure(pruning: pd.DataFrame, value: str = "ppl") -> Figure:
     fig, (ax,) = _panels(1, 1)
     _lines(ax, pruning, "fraction", value)
     ax.set(title="pruning the least-used experts", xlabel="fraction of experts pruned per layer", ylabel=value)
+    return fig
+
+
+def importance_figure(importance: pd.DataFrame, ncols: int = 3) -> Figure:
+    """Causal importance (`delta_nll`, with its bootstrap interval as an error bar) against the
+    routed fraction, one point per (domain, expert), one colour per domain, one panel per
+    layer titled with the Spearman rank correlation of the two. `importance`:
+    `expert_importance(...)`."""
+    from scipy.stats import spearmanr
+
+    _require(importance, ["domain", "layer", "expert", "routed_fraction", "delta_nll"], "expert_importance")
+    layers = list(importance["layer"].unique())
+    fig, axes = _panels(len(layers), ncols, (4.2, 3.4))
+    for ax, layer in zip(axes, layers):
+        at_layer = importance[importance["layer"] == layer]
+        for domain, rows in at_layer.groupby("domain", sort=False):
+            error = None
+            if _band(rows) is not None:
+                error = np.abs(rows[["ci_low", "ci_high"]].to_numpy().T - rows["delta_nll"].to_numpy())
+            ax.errorbar(rows["routed_fraction"], rows["delta_nll"], yerr=error, fmt="o", markersize=3,
+                        elinewidth=0.6, label=str(domain))
+        rho = spearmanr(at_layer["routed_fraction"], at_layer["delta_nll"]).statistic
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set(title=f"layer {layer}: Spearman rho = {rho:.2f}", xlabel="fraction of tokens routed",
+               ylabel="loss increase when removed (nats)")
+        ax.legend(fontsize="x-small")
     return fig
 
 
