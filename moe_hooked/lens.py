@@ -22,6 +22,7 @@ with it, `H^{l,k} = resid_post`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,8 +31,14 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 
 from moe_hooked.analysis.bootstrap import CONFIDENCE, bootstrap_ratio
+from moe_hooked.cache import cached_activations
 from moe_hooked.corpus import corpus_batches
 from moe_hooked.hook_names import get_act_name
+
+if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+
+    from moe_hooked.model import HookedMoETransformer
 
 __all__ = [
     "expert_lens",
@@ -53,12 +60,8 @@ with `include_shared`)."""
 # ---------------------------------------------------------------------------
 
 
-def _get(cache, name: str, layer: int) -> torch.Tensor:
-    full = get_act_name(name, layer)
-    try:
-        return cache[full]
-    except KeyError:
-        raise KeyError(f"the cache has no '{full}': run run_with_cache without a names_filter that drops it") from None
+def _get(cache: ActivationCache, name: str, layer: int) -> torch.Tensor:
+    return cached_activations(cache, layer, [name], "the lens")[0]
 
 
 def _at(x: Float[torch.Tensor, "batch pos ..."], batch: int, pos: int) -> Float[torch.Tensor, "..."]:
@@ -104,7 +107,7 @@ def _accumulate(
 
 
 def expert_resid_stack(
-    model, cache, layer: int, include_shared: bool = False
+    model: HookedMoETransformer, cache: ActivationCache, layer: int, include_shared: bool = False
 ) -> Float[torch.Tensor, "batch pos k d_model"]:
     """`H^{l,k'}` for k' = 1..k at every position of MoE layer `layer`: `resid_mid` (plus the
     shared expert's output if `include_shared`) plus the k' highest-weighted routed expert
@@ -152,7 +155,9 @@ def _top_tokens(model, normalized: Float[torch.Tensor, "n d_model"], top: int, m
 
 
 @torch.no_grad()
-def logit_lens(model, cache, pos: int = -1, top: int = 5, batch: int = 0) -> pd.DataFrame:
+def logit_lens(
+    model: HookedMoETransformer, cache: ActivationCache, pos: int = -1, top: int = 5, batch: int = 0
+) -> pd.DataFrame:
     """The standard logit lens at one position: `resid_pre` of every layer, then the final
     `resid_post` (whose decoding is the model's own output distribution).
 
@@ -167,7 +172,13 @@ def logit_lens(model, cache, pos: int = -1, top: int = 5, batch: int = 0) -> pd.
 
 
 def _expert_lens_layer(
-    model, cache, layer: int, batch: int, pos: int, include_shared: bool, experts_alone: bool
+    model: HookedMoETransformer,
+    cache: ActivationCache,
+    layer: int,
+    batch: int,
+    pos: int,
+    include_shared: bool,
+    experts_alone: bool,
 ) -> tuple[Float[torch.Tensor, "n d_model"], pd.DataFrame]:
     """The residual vectors expert_lens decodes at one layer, and their description rows."""
 
@@ -200,8 +211,8 @@ def _expert_lens_layer(
 
 @torch.no_grad()
 def expert_lens(
-    model,
-    cache,
+    model: HookedMoETransformer,
+    cache: ActivationCache,
     pos: int = -1,
     batch: int = 0,
     top: int = 5,
@@ -241,7 +252,7 @@ def expert_lens(
 
 
 def token_topk_cosine(
-    model, cache, layer: int, k: int = 1, include_shared: bool = False
+    model: HookedMoETransformer, cache: ActivationCache, layer: int, k: int = 1, include_shared: bool = False
 ) -> Float[torch.Tensor, "batch pos"]:
     """cos(H^{l,k}, H^{l,top_k}) at every position of MoE layer `layer` (k = 1: the paper's
     top-1 vs top-k), computed in float32."""
@@ -260,7 +271,7 @@ def _last_real(mask: Bool[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "bat
 
 
 def _token_cosines(
-    model, cache, layer: int, k: int, include_shared: bool
+    model: HookedMoETransformer, cache: ActivationCache, layer: int, k: int, include_shared: bool
 ) -> tuple[Float[torch.Tensor, "batch pos"], ...]:
     """cos(H^{k'}, H^k), cos(u, H^k), cos(H^{k'} - u, H^k - u) at every position, float32."""
     stack = expert_resid_stack(model, cache, layer, include_shared).float()
@@ -274,7 +285,11 @@ def _token_cosines(
 
 
 def _cosine_sums(
-    model, cache, mask: Bool[torch.Tensor, "batch pos"], k: int, include_shared: bool
+    model: HookedMoETransformer,
+    cache: ActivationCache,
+    mask: Bool[torch.Tensor, "batch pos"],
+    k: int,
+    include_shared: bool,
 ) -> Float[torch.Tensor, "batch layer variant 2"]:
     """Per sequence, MoE layer and variant (`COSINE_VARIANTS`): (sum of cosines, n tokens)."""
     last = _last_real(mask)
@@ -305,8 +320,8 @@ def _cosine_frame(model, sums: Float[torch.Tensor, "seq layer variant 2"], confi
 
 
 def topk_cosine_from_cache(
-    model,
-    cache,
+    model: HookedMoETransformer,
+    cache: ActivationCache,
     attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
     k: int = 1,
     include_shared: bool = False,
@@ -332,7 +347,7 @@ def topk_cosine_from_cache(
 
 @torch.inference_mode()
 def topk_cosine(
-    model,
+    model: HookedMoETransformer,
     corpora: Mapping[str, Sequence[str]],
     max_length: int | None = None,
     batch_size: int = 8,

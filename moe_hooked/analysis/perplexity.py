@@ -179,7 +179,7 @@ def _averaged(per_sequence: np.ndarray, tokens: np.ndarray, average: str) -> tup
 
 
 def pruning_curve(
-    model,
+    model: HookedMoETransformer,
     corpora: Mapping[str, Sequence[str]],
     fractions: Sequence[float] = (0, 0.25, 0.5, 0.75),
     usage=None,

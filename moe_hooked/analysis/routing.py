@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,9 @@ from jaxtyping import Bool, Float, Int
 from moe_hooked.analysis.counts import RoutingCounts
 from moe_hooked.corpus import corpus_batches
 from moe_hooked.hook_names import get_act_name
+
+if TYPE_CHECKING:
+    from moe_hooked.model import HookedMoETransformer
 
 __all__ = ["routing_stats", "top_tokens_per_expert"]
 
@@ -47,7 +51,8 @@ class _RoutingAccumulator:
 
     def hooks(self, domain: int, mask: Bool[torch.Tensor, "batch pos"]) -> list[tuple[str, Callable]]:
         """Forward hooks that add one batch (real tokens: `mask`) into the sums of `domain`."""
-        per_sequence = torch.zeros(mask.shape[0], len(self.layers), self.n_experts, dtype=torch.int32, device=mask.device)
+        shape = (mask.shape[0], len(self.layers), self.n_experts)
+        per_sequence = torch.zeros(shape, dtype=torch.int32, device=mask.device)
         self.sequences.append((domain, per_sequence, mask.sum(-1)))
         hooks = []
         for i, layer in enumerate(self.layers):
@@ -56,7 +61,13 @@ class _RoutingAccumulator:
         return hooks
 
     def _count(
-        self, d: int, i: int, mask: torch.Tensor, per_sequence: torch.Tensor, indices: Int[torch.Tensor, "batch pos k"], hook
+        self,
+        d: int,
+        i: int,
+        mask: torch.Tensor,
+        per_sequence: Int[torch.Tensor, "batch L E"],
+        indices: Int[torch.Tensor, "batch pos k"],
+        hook,
     ) -> None:
         in_top_k = F.one_hot(indices, self.n_experts).amax(dim=-2)  # [batch pos E], 1 where in the top-k
         per_sequence[:, i] = (in_top_k * mask[..., None]).sum(1).int()
@@ -95,7 +106,7 @@ def _require_moe(model) -> None:
 
 @torch.inference_mode()
 def routing_stats(
-    model,
+    model: HookedMoETransformer,
     corpora: Mapping[str, Sequence[str]],
     max_length: int | None = None,
     batch_size: int = 8,
@@ -133,7 +144,7 @@ def routing_stats(
 
 @torch.inference_mode()
 def top_tokens_per_expert(
-    model,
+    model: HookedMoETransformer,
     texts: Sequence[str],
     layer: int,
     top: int = 10,

@@ -48,7 +48,9 @@ def _panels(n: int, ncols: int, size: tuple[float, float] = PANEL_SIZE) -> tuple
     return fig, axes[:n]
 
 
-def _lines(ax: Axes, frame: pd.DataFrame, x: str, y: str, by: str = "domain", band: tuple[str, str] | None = None) -> None:
+def _lines(
+    ax: Axes, frame: pd.DataFrame, x: str, y: str, by: str = "domain", band: tuple[str, str] | None = None
+) -> None:
     """One line per value of `by` (in order of appearance), points sorted by `x`; whole-number
     x values get whole-number ticks. `band`: (low, high) columns drawn as a shaded interval."""
     for label, rows in frame.groupby(by, sort=False):

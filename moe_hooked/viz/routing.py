@@ -19,7 +19,6 @@ saved notebooks and in the report. ``offline=False`` keeps circuitsvis's behavio
 from __future__ import annotations
 
 import html
-import re
 from pathlib import Path
 
 import torch
@@ -29,11 +28,11 @@ from circuitsvis.utils.render import RenderedHTML
 from jaxtyping import Float, Int
 from transformer_lens import ActivationCache
 
+from moe_hooked.cache import cached_layers
 from moe_hooked.hook_names import get_act_name
 from moe_hooked.model import HookedMoETransformer
 
 ROUTING_HOOKS = ("topk_indices", "topk_weights")
-_TOPK_NAME = re.compile(r"blocks\.(\d+)\.mlp\.hook_topk_indices")
 
 
 class CircuitsView:
@@ -81,10 +80,9 @@ def routing_cache(
     return cache, model.to_str_tokens(prompt, prepend_bos=prepend_bos)
 
 
-def cached_moe_layers(cache: ActivationCache) -> list[int]:
+def _routing_layers(cache: ActivationCache) -> list[int]:
     """The MoE layers whose routing (`hook_topk_indices` and `hook_topk_weights`) the cache holds."""
-    layers = sorted(int(m.group(1)) for name in cache.keys() if (m := _TOPK_NAME.fullmatch(name)))
-    layers = [layer for layer in layers if get_act_name("topk_weights", layer) in cache.cache_dict]
+    layers = cached_layers(cache, ROUTING_HOOKS)
     if not layers:
         raise ValueError(
             "the cache holds no routing: run model.run_with_cache(prompt) without a names_filter, or with "
@@ -98,7 +96,7 @@ def routing_weights(cache: ActivationCache, batch: int = 0) -> tuple[Float[torch
 
     Returns (weights [pos, layer, n_experts], the MoE layer ids along `layer`).
     """
-    layers = cached_moe_layers(cache)
+    layers = _routing_layers(cache)
     per_layer = []
     for layer in layers:
         indices = cache[get_act_name("topk_indices", layer)][batch]  # [pos k]
@@ -110,7 +108,7 @@ def routing_weights(cache: ActivationCache, batch: int = 0) -> tuple[Float[torch
 
 def top1_experts(cache: ActivationCache, batch: int = 0) -> tuple[Int[torch.Tensor, "pos layer"], list[int]]:
     """The top-1 (highest-weight) expert of each token at each cached MoE layer, and the layer ids."""
-    layers = cached_moe_layers(cache)
+    layers = _routing_layers(cache)
     ids = [cache[get_act_name("topk_indices", layer)][batch, :, 0].cpu() for layer in layers]
     return torch.stack(ids, dim=1), layers
 
@@ -128,7 +126,7 @@ def _routing_inputs(
         raise TypeError(f"expected a HookedMoETransformer or an ActivationCache, got {type(source).__name__}")
     if isinstance(tokens, str):
         raise TypeError("with a cache, pass the prompt's string tokens (model.to_str_tokens(prompt)), not the text")
-    n_pos = source[get_act_name("topk_indices", cached_moe_layers(source)[0])].shape[1]
+    n_pos = source[get_act_name("topk_indices", _routing_layers(source)[0])].shape[1]
     if len(tokens) != n_pos:
         raise ValueError(f"{len(tokens)} string tokens given but the cache has {n_pos} positions")
     return source, _html_tokens(list(tokens)), batch
