@@ -37,16 +37,22 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 
 from moe_hooked._tl import HookPoint
+from moe_hooked.cache import cached_activations
 from moe_hooked.config import MoEConfig
 from moe_hooked.corpus import all_reduce_sums, check_same_inputs, corpus_batches, deal, rank_and_world, shared_failures
 from moe_hooked.hook_names import get_act_name
+
+if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+
+    from moe_hooked.model import HookedMoETransformer
 
 HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]
 FwdHooks = list[tuple[str, HookFn]]
@@ -109,7 +115,7 @@ class _Latest:
 
 # ----------------------------------------------------------------------------- ablation
 def ablate_experts(
-    model,
+    model: HookedMoETransformer | MoEConfig,
     experts: Mapping[int, int | Iterable[int]],
     mode: AblationMode = "zero",
     mean_from=None,
@@ -220,19 +226,6 @@ def _is_cache(x) -> bool:
     return hasattr(x, "cache_dict") or (isinstance(x, Mapping) and all(isinstance(key, str) for key in x))
 
 
-def _cache_tensors(cfg: MoEConfig, cache, layer: int, names: Sequence[str], what: str) -> list[torch.Tensor]:
-    """`cache`'s activations of `names` at `layer`, or a ValueError naming the missing hooks."""
-    cache_dict = getattr(cache, "cache_dict", cache)
-    keys = [get_act_name(name, layer) for name in names]
-    missing = [key for key in keys if key not in cache_dict]
-    if missing:
-        raise ValueError(
-            f"{what} needs {missing} in the cache: run run_with_cache without names_filter, or with "
-            f"a filter that keeps {keys}"
-        )
-    return [cache_dict[key] for key in keys]
-
-
 def _expert_sums(
     cfg: MoEConfig,
     indices: Int[torch.Tensor, "... k"],
@@ -249,7 +242,7 @@ def _expert_sums(
 def _cached_sums(cfg: MoEConfig, cache, layer: int, real: torch.Tensor | None = None):
     """`_expert_sums` of a cache at `layer`, over the slots with a nonzero weight (when the cache
     has `hook_topk_weights`) at real positions (`real` [batch pos], when given)."""
-    indices, expert_out = _cache_tensors(cfg, cache, layer, ("topk_indices", "expert_out"), "a mean over a cache")
+    indices, expert_out = cached_activations(cache, layer, ("topk_indices", "expert_out"), "a mean over a cache")
     if indices.shape[-1] != cfg.top_k or expert_out.shape != (*indices.shape, cfg.d_model):
         raise ValueError(
             f"the cache's hook_topk_indices {tuple(indices.shape)} and hook_expert_out "
@@ -274,7 +267,7 @@ def _means_from_cache(cfg: MoEConfig, cache, layer: int) -> Float[torch.Tensor, 
 
 @shared_failures("expert_output_means")
 def expert_output_means(
-    model,
+    model: HookedMoETransformer | MoEConfig,
     tokens_or_texts: Int[torch.Tensor, "batch pos"] | Sequence[str],
     layers: int | Iterable[int] | None = None,
     batch_size: int = 8,
@@ -323,8 +316,11 @@ def _reference_batches(model, tokens_or_texts, batch_size: int, max_length: int 
 
 
 # ----------------------------------------------------------------------------- top-k and routing
-def keep_top_k(model, k: int, layers: int | Iterable[int] | None = None, renormalize: bool = False) -> FwdHooks:
-    """Hooks that keep only the k highest-weighted slots (slots 0..k-1) of every token.
+def keep_top_k(
+    model: HookedMoETransformer | MoEConfig, k: int, layers: int | Iterable[int] | None = None, renormalize: bool = False
+) -> FwdHooks:
+    """Hooks that keep slots 0..k-1 of every token (the router emits slots by decreasing weight, so
+    these are its k highest-weighted experts, unless an earlier hook reordered them).
 
     The kept slots keep the weights the model computed and the other slots get weight 0 (so
     their experts are not computed). This is the paper's top-1..top-k experiment; for models
@@ -346,7 +342,7 @@ def keep_top_k(model, k: int, layers: int | Iterable[int] | None = None, renorma
     return [(get_act_name("topk_weights", layer), keep) for layer in cfg.resolve_moe_layers(layers)]
 
 
-def route_to(model, layer: int, experts: int | Iterable[int]) -> FwdHooks:
+def route_to(model: HookedMoETransformer | MoEConfig, layer: int, experts: int | Iterable[int]) -> FwdHooks:
     """Hooks that send every token of MoE `layer` to exactly the given experts.
 
     With m = len(experts) <= top_k, slots 0..m-1 hold the given experts in the given order,
@@ -380,8 +376,8 @@ def route_to(model, layer: int, experts: int | Iterable[int]) -> FwdHooks:
 
 # ----------------------------------------------------------------------------- activation patching
 def patch_expert_outputs(
-    model,
-    source_cache,
+    model: HookedMoETransformer | MoEConfig,
+    source_cache: ActivationCache,
     layers: int | Iterable[int] | None,
     slots: int | Sequence[int] | None = None,
     positions: int | Sequence[int] | None = None,
@@ -410,7 +406,7 @@ def patch_expert_outputs(
     slots = _slot_ids(cfg, slots)
     result = []
     for layer in layers:
-        clean = dict(zip(names, _cache_tensors(cfg, source_cache, layer, names, "patch_expert_outputs")))
+        clean = dict(zip(names, cached_activations(source_cache, layer, names, "patch_expert_outputs")))
         for name in names:
             _check_source_shape(cfg, layer, name, clean[name])
         for name in hooks:

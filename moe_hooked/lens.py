@@ -11,7 +11,9 @@ right-padded batch, `pos=-1` of a shorter sequence is padding.
 - :func:`expert_resid_stack` -- the `H^{l,k'}` vectors at every position, from a cache.
 - :func:`topk_cosine`, :func:`topk_cosine_from_cache` -- cosine similarity between
   `H^{l,1}` and `H^{l,k}` per MoE layer, over all real tokens and over the last real token of
-  each sequence (the paper's variant); :func:`topk_cosine` streams over corpora.
+  each sequence (the paper's variant), beside two baselines: `cos(u, H^{l,k})` (how close the
+  residual alone already is) and `cos(H^{l,1} - u, H^{l,k} - u)` (the updates themselves),
+  each with a bootstrap interval over sequences; :func:`topk_cosine` streams over corpora.
 
 The shared expert (Qwen-MoE, DeepSeekMoE) is left out of `H` unless `include_shared=True`;
 with it, `H^{l,k} = resid_post`.
@@ -20,6 +22,7 @@ with it, `H^{l,k} = resid_post`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,8 +30,15 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 
-from moe_hooked.corpus import all_reduce_sums, corpus_batches, shared_failures
+from moe_hooked.analysis.bootstrap import CONFIDENCE, bootstrap_ratio
+from moe_hooked.cache import cached_activations
+from moe_hooked.corpus import corpus_batches, gather_by_batch, shared_failures
 from moe_hooked.hook_names import get_act_name
+
+if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+
+    from moe_hooked.model import HookedMoETransformer
 
 __all__ = [
     "expert_lens",
@@ -39,7 +49,10 @@ __all__ = [
     "topk_cosine_from_cache",
 ]
 
-COSINE_VARIANTS = ("all_tokens", "last_token")
+COSINE_VARIANTS = ("all_tokens", "last_token", "u_only", "update")
+"""cos(H^{k'}, H^k) over all real tokens and over each sequence's last real token; cos(u, H^k) and
+cos(H^{k'} - u, H^k - u) over all real tokens (u: `resid_mid`, plus the shared expert's output
+with `include_shared`)."""
 
 
 # ---------------------------------------------------------------------------
@@ -47,12 +60,8 @@ COSINE_VARIANTS = ("all_tokens", "last_token")
 # ---------------------------------------------------------------------------
 
 
-def _get(cache, name: str, layer: int) -> torch.Tensor:
-    full = get_act_name(name, layer)
-    try:
-        return cache[full]
-    except KeyError:
-        raise KeyError(f"the cache has no '{full}': run run_with_cache without a names_filter that drops it") from None
+def _get(cache: ActivationCache, name: str, layer: int) -> torch.Tensor:
+    return cached_activations(cache, layer, [name], "the lens")[0]
 
 
 def _at(x: Float[torch.Tensor, "batch pos ..."], batch: int, pos: int) -> Float[torch.Tensor, "..."]:
@@ -104,7 +113,7 @@ def _accumulate(
 
 
 def expert_resid_stack(
-    model, cache, layer: int, include_shared: bool = False
+    model: HookedMoETransformer, cache: ActivationCache, layer: int, include_shared: bool = False
 ) -> Float[torch.Tensor, "batch pos k d_model"]:
     """`H^{l,k'}` for k' = 1..k at every position of MoE layer `layer`: `resid_mid` (plus the
     shared expert's output if `include_shared`) plus the k' highest-weighted routed expert
@@ -116,10 +125,13 @@ def expert_resid_stack(
     model.cfg.check_moe_layer(layer)
     _check_shared(model, include_shared)
     weights, expert_out = _by_weight(_get(cache, "topk_weights", layer), _get(cache, "expert_out", layer))
+    return _accumulate(_stack_base(cache, layer, include_shared), weights, expert_out)
+
+
+def _stack_base(cache, layer: int, include_shared: bool) -> Float[torch.Tensor, "batch pos d_model"]:
+    """u = `resid_mid`, plus the shared expert's output if `include_shared`."""
     base = _get(cache, "resid_mid", layer)
-    if include_shared:
-        base = base + _get(cache, "shared_out", layer)
-    return _accumulate(base, weights, expert_out)
+    return base + _get(cache, "shared_out", layer) if include_shared else base
 
 
 # ---------------------------------------------------------------------------
@@ -149,7 +161,9 @@ def _top_tokens(model, normalized: Float[torch.Tensor, "n d_model"], top: int, m
 
 
 @torch.no_grad()
-def logit_lens(model, cache, pos: int = -1, top: int = 5, batch: int = 0) -> pd.DataFrame:
+def logit_lens(
+    model: HookedMoETransformer, cache: ActivationCache, pos: int = -1, top: int = 5, batch: int = 0
+) -> pd.DataFrame:
     """The standard logit lens at one position: `resid_pre` of every layer, then the final
     `resid_post` (whose decoding is the model's own output distribution).
 
@@ -166,7 +180,13 @@ def logit_lens(model, cache, pos: int = -1, top: int = 5, batch: int = 0) -> pd.
 
 
 def _expert_lens_layer(
-    model, cache, layer: int, batch: int, pos: int, include_shared: bool, experts_alone: bool
+    model: HookedMoETransformer,
+    cache: ActivationCache,
+    layer: int,
+    batch: int,
+    pos: int,
+    include_shared: bool,
+    experts_alone: bool,
 ) -> tuple[Float[torch.Tensor, "n d_model"], pd.DataFrame]:
     """The residual vectors expert_lens decodes at one layer, and their description rows."""
 
@@ -175,21 +195,21 @@ def _expert_lens_layer(
 
     weights, indices, expert_out = _by_weight(at("topk_weights"), at("topk_indices"), at("expert_out"))
     u = at("resid_mid")
-    shared = at("shared_out") if include_shared else None
+    base = u + at("shared_out") if include_shared else u  # every expert row is built on it
     top_k = weights.shape[-1]
     rows = [dict(variant="resid_mid", k=0)]
     vectors = [u[None]]
     rows += [dict(variant=f"top{j}", k=j) for j in range(1, top_k + 1)]
-    vectors.append(_accumulate(u if shared is None else u + shared, weights, expert_out))
+    vectors.append(_accumulate(base, weights, expert_out))
     if experts_alone:
         rows += [
             dict(variant="expert", k=j + 1, expert=e, weight=w)
             for j, (e, w) in enumerate(zip(indices.tolist(), weights.float().tolist()))
         ]
-        vectors.append(u + weights[:, None] * expert_out)
-    if shared is not None:
+        vectors.append(base + weights[:, None] * expert_out)
+    if include_shared:
         rows.append(dict(variant="shared", k=0))
-        vectors.append((u + shared)[None])
+        vectors.append(base[None])
     rows.append(dict(variant="resid_post", k=top_k))
     vectors.append(at("resid_post")[None])
     meta = pd.DataFrame(rows, columns=["variant", "k", "expert", "weight"])
@@ -199,8 +219,8 @@ def _expert_lens_layer(
 
 @torch.no_grad()
 def expert_lens(
-    model,
-    cache,
+    model: HookedMoETransformer,
+    cache: ActivationCache,
     pos: int = -1,
     batch: int = 0,
     top: int = 5,
@@ -214,12 +234,14 @@ def expert_lens(
     unweighted outputs `E_j` (ordered by decreasing weight):
 
     - "resid_mid": `u` (k = 0);
-    - "top1".."top{k}": `H^{l,k'} = u + sum_{j<k'} w_j E_j` (k = k'), plus the shared
-      expert's output when `include_shared`;
+    - "top1".."top{k}": `H^{l,k'} = u + sum_{j<k'} w_j E_j` (k = k');
     - "expert" (if `experts_alone`): `u + w_j E_j` for each selected expert, with its
       `expert` id, `weight`, and k = its rank among the selected (1 = highest weight);
-    - "shared" (if `include_shared`): `u + shared expert output` (k = 0);
-    - "resid_post": the block's output (k = top_k).
+    - "shared" (if `include_shared`): `u + S`, S the shared expert's output (k = 0);
+    - "resid_post": the block's true output `hook_resid_post` (k = top_k).
+
+    With `include_shared`, S is added in every "top" and "expert" row (`u + S + ...`), so
+    "top{k}" equals "resid_post"; without it, no row but "resid_post" holds S.
 
     Returns `layer, variant, k, expert, weight, rank, token_id, token, prob`, `top` rows per
     decoded vector (`expert` and `weight` are empty outside "expert" rows). A negative `pos`
@@ -240,7 +262,7 @@ def expert_lens(
 
 
 def token_topk_cosine(
-    model, cache, layer: int, k: int = 1, include_shared: bool = False
+    model: HookedMoETransformer, cache: ActivationCache, layer: int, k: int = 1, include_shared: bool = False
 ) -> Float[torch.Tensor, "batch pos"]:
     """cos(H^{l,k}, H^{l,top_k}) at every position of MoE layer `layer` (k = 1: the paper's
     top-1 vs top-k), computed in float32."""
@@ -258,45 +280,73 @@ def _last_real(mask: Bool[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "bat
     return out & mask
 
 
+def _token_cosines(
+    model: HookedMoETransformer, cache: ActivationCache, layer: int, k: int, include_shared: bool
+) -> tuple[Float[torch.Tensor, "batch pos"], ...]:
+    """cos(H^{k'}, H^k), cos(u, H^k), cos(H^{k'} - u, H^k - u) at every position, float32."""
+    stack = expert_resid_stack(model, cache, layer, include_shared).float()
+    base = _stack_base(cache, layer, include_shared).float()
+    top_k, full = stack[..., k - 1, :], stack[..., -1, :]
+    return (
+        F.cosine_similarity(top_k, full, dim=-1),
+        F.cosine_similarity(base, full, dim=-1),
+        F.cosine_similarity(top_k - base, full - base, dim=-1),
+    )
+
+
 def _cosine_sums(
-    model, cache, mask: Bool[torch.Tensor, "batch pos"], k: int, include_shared: bool
-) -> Float[torch.Tensor, "layer variant 2"]:
-    """Per MoE layer and variant (all real tokens, last real token): (sum of cosines, n tokens)."""
-    selections = (mask, _last_real(mask))
+    model: HookedMoETransformer,
+    cache: ActivationCache,
+    mask: Bool[torch.Tensor, "batch pos"],
+    k: int,
+    include_shared: bool,
+) -> Float[torch.Tensor, "batch layer variant 2"]:
+    """Per sequence, MoE layer and variant (`COSINE_VARIANTS`): (sum of cosines, n tokens)."""
+    last = _last_real(mask)
     sums = []
     for layer in model.cfg.moe_layers:
-        cosine = token_topk_cosine(model, cache, layer, k, include_shared).double()
-        sums.append(torch.stack([torch.stack([cosine[m].sum(), m.sum().double()]) for m in selections]))
-    return torch.stack(sums).cpu()
+        topk, u_only, update = (c.double() for c in _token_cosines(model, cache, layer, k, include_shared))
+        pairs = [(topk, mask), (topk, last), (u_only, mask), (update, mask)]
+        sums.append(torch.stack([torch.stack([(c * m).sum(-1), m.sum(-1).double()], -1) for c, m in pairs], 1))
+    return torch.stack(sums, 1).cpu()
 
 
-def _cosine_frame(model, sums: Float[torch.Tensor, "layer variant 2"]) -> pd.DataFrame:
-    """`layer, variant, cosine, n_tokens` from accumulated sums (mean cosine = sum / n)."""
+def _cosine_frame(model, sums: Float[torch.Tensor, "seq layer variant 2"], confidence: float) -> pd.DataFrame:
+    """`layer, variant, cosine, ci_low, ci_high, n_tokens` from per-sequence sums (mean = sum / n;
+    interval: bootstrap over sequences)."""
     layers = np.repeat(np.asarray(model.cfg.moe_layers), len(COSINE_VARIANTS))
-    total, n = sums.reshape(-1, 2).numpy().T
+    totals = sums.sum(0).reshape(-1, 2).numpy()
+    low, high = bootstrap_ratio(sums[..., 0].numpy(), sums[..., 1].numpy(), confidence)
     return pd.DataFrame(
         {
             "layer": layers,
-            "variant": COSINE_VARIANTS * len(model.cfg.moe_layers),
-            "cosine": total / n,
-            "n_tokens": n.astype(np.int64),
+            "variant": list(COSINE_VARIANTS) * len(model.cfg.moe_layers),
+            "cosine": totals[:, 0] / totals[:, 1],
+            "ci_low": low.ravel(),
+            "ci_high": high.ravel(),
+            "n_tokens": totals[:, 1].astype(np.int64),
         }
     )
 
 
 def topk_cosine_from_cache(
-    model,
-    cache,
+    model: HookedMoETransformer,
+    cache: ActivationCache,
     attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
     k: int = 1,
     include_shared: bool = False,
+    confidence: float = CONFIDENCE,
 ) -> pd.DataFrame:
-    """Mean cos(H^{l,k}, H^{l,top_k}) per MoE layer over one cache's real tokens.
+    """Mean cos(H^{l,k}, H^{l,top_k}) per MoE layer over one cache's real tokens, with baselines.
 
     `attention_mask` [batch pos] marks the real tokens (default: the cache's own mask, else
-    all). Returns `layer,
-    variant, cosine, n_tokens`, with variant "all_tokens" (every real token) and
-    "last_token" (the last real token of each sequence, as the paper).
+    all). Returns `layer, variant, cosine, ci_low, ci_high, n_tokens`, one row per variant of
+    `COSINE_VARIANTS`:
+    "all_tokens" (every real token), "last_token" (the last real token of each sequence, as
+    the paper), "u_only" (cos(u, H^{l,top_k}) over every real token: what the residual alone
+    already gives) and "update" (cos(H^{l,k} - u, H^{l,top_k} - u): the expert updates
+    themselves). `ci_low`, `ci_high`: percentile bootstrap interval at `confidence` over the
+    sequences of the batch (see `moe_hooked.analysis.bootstrap`).
     """
     model.cfg.check_top_k(k)
     first = _get(cache, "resid_mid", model.cfg.moe_layers[0])
@@ -304,13 +354,13 @@ def topk_cosine_from_cache(
     attention_mask = getattr(cache, "attention_mask", None) if attention_mask is None else attention_mask
     if attention_mask is not None:
         mask = attention_mask.to(first.device).bool()
-    return _cosine_frame(model, _cosine_sums(model, cache, mask, k, include_shared))
+    return _cosine_frame(model, _cosine_sums(model, cache, mask, k, include_shared), confidence)
 
 
 @shared_failures("topk_cosine")
 @torch.inference_mode()
 def topk_cosine(
-    model,
+    model: HookedMoETransformer,
     corpora: Mapping[str, Sequence[str]],
     max_length: int | None = None,
     batch_size: int = 8,
@@ -318,6 +368,7 @@ def topk_cosine(
     k: int = 1,
     include_shared: bool = False,
     progress: bool = True,
+    confidence: float = CONFIDENCE,
 ) -> pd.DataFrame:
     """Mean cos(H^{l,k}, H^{l,top_k}) per domain and MoE layer, streamed over `corpora`.
 
@@ -326,13 +377,14 @@ def topk_cosine(
     and the forward pass stops after the last MoE layer. A "last_token" is the last real token
     of each chunk.
 
-    Returns `domain, layer, variant, cosine, n_tokens` (variants "all_tokens", "last_token").
+    Returns `domain, layer, variant, cosine, ci_low, ci_high, n_tokens`, the variants and
+    intervals of :func:`topk_cosine_from_cache` (the bootstrap resamples a domain's chunks).
     """
     model.cfg.check_top_k(k)
     _check_shared(model, include_shared)
     hooks = ("resid_mid", "topk_weights", "expert_out") + (("shared_out",) if include_shared else ())
     names = [get_act_name(name, layer) for layer in model.cfg.moe_layers for name in hooks]
-    sums = torch.zeros(len(corpora), len(model.cfg.moe_layers), len(COSINE_VARIANTS), 2, dtype=torch.float64)
+    per_batch: dict[int, tuple[int, torch.Tensor]] = {}  # batch index -> (domain, per-sequence sums)
     for d, batch in corpus_batches(model, corpora, max_length, batch_size, max_tokens, progress, "topk_cosine"):
         _, cache = model.run_with_cache(
             batch.tokens,
@@ -340,8 +392,10 @@ def topk_cosine(
             names_filter=names,
             stop_at_layer=max(model.cfg.moe_layers) + 1,
         )
-        sums[d] += _cosine_sums(model, cache, batch.attention_mask.bool(), k, include_shared)
-    (sums,) = all_reduce_sums([sums], "topk_cosine")
-    frames = [_cosine_frame(model, sums[d]) for d in range(len(corpora))]
+        per_batch[batch.index] = (d, _cosine_sums(model, cache, batch.attention_mask.bool(), k, include_shared).cpu())
+    gathered = gather_by_batch(per_batch, "topk_cosine")  # every rank's batches, in single-process order
+    frames = [
+        _cosine_frame(model, torch.cat([x for dd, x in gathered if dd == d]), confidence) for d in range(len(corpora))
+    ]
     table = pd.concat(frames, keys=list(corpora), names=["domain", None]).reset_index(level=0)
     return table.reset_index(drop=True)

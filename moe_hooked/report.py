@@ -15,6 +15,7 @@
      opens offline (figures are PNG files beside it, no external request);
    - `counts.json` (:meth:`RoutingCounts.save`), `specialization.csv`, `coverage.csv`,
      `entropy.csv`, `specialists.csv` (two domains or more), `cosine.csv`, `perplexity.csv`,
+     `importance.csv`, `importance_correlation.csv`, `top_experts.csv`, `routing_intervals.csv`,
      `pruning.csv`, `expert_lens.csv` (one sample prompt per domain);
    - `figures/*.png`; per sample prompt `expert_lens_<domain>.html` (the grid) and
      `routing_<domain>.html` (a circuitsvis view, JavaScript embedded);
@@ -47,6 +48,7 @@ from moe_hooked.analysis import (
     coactivation_matrix,
     coverage,
     domain_specialists,
+    expert_importance,
     perplexity_vs_top_k,
     pruning_curve,
     routing_entropy,
@@ -58,11 +60,13 @@ from moe_hooked.data import builtin_corpora, load_corpora
 from moe_hooked.lens import expert_lens, topk_cosine
 from moe_hooked.loading import CheckpointError, UnsupportedArchitectureError
 from moe_hooked.model import HookedMoETransformer
+from moe_hooked.report_findings import headline_numbers, importance_tables, routing_intervals
 from moe_hooked.report_folder import METADATA_FILE, ReportError, build_folder, check_out, publish
 from moe_hooked.viz import (
     ExpertLensGrid,
     coactivation_figure,
     cosine_figure,
+    importance_figure,
     perplexity_figure,
     pruning_figure,
     routing_view,
@@ -235,7 +239,7 @@ def _run_corpus_analyses(inputs: ReportInputs, results: _Results, stage: Callabl
     budget = dict(batch_size=inputs.batch_size, max_tokens=inputs.max_tokens, progress=inputs.progress)
     with stage("routing statistics"):
         counts = results.counts = routing_stats(model, corpora, **budget)
-        results.tables["specialization"] = specialization(counts)
+        results.tables["specialization"] = specialization(counts, test="sequence")
         results.tables["coverage"] = coverage(counts, q=[0.5, 0.9])
         results.tables["entropy"] = routing_entropy(counts)
         if counts.n_domains >= 2:
@@ -244,10 +248,21 @@ def _run_corpus_analyses(inputs: ReportInputs, results: _Results, stage: Callabl
         results.tables["cosine"] = topk_cosine(model, corpora, **budget)
     with stage("perplexity vs top-k"):
         results.tables["perplexity"] = perplexity_vs_top_k(model, corpora, **budget)
+    with stage("expert importance"):
+        _run_importance(inputs, results, budget)
     with stage("pruning curve"):
         cfg = model.cfg
         fractions = [f for f in PRUNING_FRACTIONS if math.floor(f * cfg.n_experts) <= cfg.n_experts - cfg.top_k]
         results.tables["pruning"] = pruning_curve(model, corpora, fractions, usage=counts, **budget)
+
+
+def _run_importance(inputs: ReportInputs, results: _Results, budget: dict) -> None:
+    """Causal importance by attribution (one forward and backward pass per batch: cheap enough for
+    the default report), its correlation with routing frequency, and the routing intervals."""
+    importance = expert_importance(inputs.model, inputs.corpora, method="attribution", **budget)
+    results.tables["importance"] = importance
+    results.tables.update(importance_tables(importance))
+    results.tables["routing_intervals"] = routing_intervals(results.counts)
 
 
 def _run_samples(inputs: ReportInputs, results: _Results, folder: Path, slugs: dict[str, str]) -> None:
@@ -278,9 +293,15 @@ def _write_figures(results: _Results, folder: Path, slugs: dict[str, str]) -> No
     figures = {
         "Specialization: fraction of each domain's tokens routed to each expert (dashed: uniform k/E)":
             ("specialization", specialization_figure(tables["specialization"], layers=_spec_layers(counts.layers))),
-        "Top-1 vs top-k cosine similarity per layer": ("cosine", cosine_figure(tables["cosine"])),
-        "Normalised log-perplexity vs experts kept": ("perplexity", perplexity_figure(tables["perplexity"])),
+        "Top-1 vs top-k cosine per layer, beside the baselines cos(u, H^k) and cos(H^1 - u, H^k - u) "
+        "(shaded: 95% bootstrap interval)": ("cosine", cosine_figure(tables["cosine"])),
+        "Change in log-perplexity vs experts kept, from the unmodified model (shaded: 95% bootstrap interval "
+        "over chunks)": ("perplexity", perplexity_figure(tables["perplexity"])),
+        "The paper's min-max normalised log-perplexity (hides the size and direction of each change)":
+            ("perplexity_normalized", perplexity_figure(tables["perplexity"], value="normalized_log_ppl")),
         "Perplexity when pruning each layer's least-used experts": ("pruning", pruning_figure(tables["pruning"])),
+        "Routing frequency vs causal importance (attribution estimate of the loss increase when the expert is "
+        "removed; bars: 95% bootstrap interval)": ("importance", importance_figure(tables["importance"])),
     }
     if counts.coactivation is not None:
         for domain in counts.domains:
@@ -338,10 +359,15 @@ def _summary_tables(results: _Results) -> list[tuple[str, pd.DataFrame]]:
     n_specialized = spec.groupby(["domain", "layer"], sort=False)["specialized"].sum().reset_index()
     most = spec[spec["specialized"]].sort_values("ratio", ascending=False).head(15)
     return [
-        ("Specialized experts per domain and layer (one-sided binomial test, Holm-corrected, alpha 0.05)",
+        ("Most important experts per domain (loss increase when removed, attribution estimate, 95% interval)",
+         t["top_experts"]),
+        ("Routing frequency vs causal importance: Spearman rank correlation per layer", t["importance_correlation"]),
+        ("Specialized experts per domain and layer (one-sided sequence-level test, Holm-corrected, alpha 0.05, "
+         "and at least 1.5 times the uniform rate)",
          _by_domain(n_specialized, "layer", "specialized")),
         ("Most specialized experts (fraction / uniform baseline)",
-         most[["domain", "layer", "expert", "fraction", "baseline", "ratio", "p_adjusted"]]),
+         most[["domain", "layer", "expert", "fraction", "baseline", "ratio", "ratio_ci_low", "ratio_ci_high",
+              "p_adjusted"]]),
         ("Experts needed to cover 50% of the routing decisions",
          _by_domain(t["coverage"][t["coverage"]["q"] == 0.5], "layer", "n_experts_needed")),
         ("Normalised entropy of expert usage", _by_domain(t["entropy"], "layer", "normalized_entropy")),
@@ -350,6 +376,12 @@ def _summary_tables(results: _Results) -> list[tuple[str, pd.DataFrame]]:
         ("Perplexity with the top-k' experts only", _by_domain(t["perplexity"], "k", "ppl")),
         ("Perplexity after pruning the least-used experts", _by_domain(t["pruning"], "fraction", "ppl")),
     ]
+
+
+def _summary_list(n_experts: int, tables: dict[str, pd.DataFrame]) -> str:
+    lines = headline_numbers(n_experts, tables["routing_intervals"], tables["perplexity"],
+                             tables.get("importance_correlation"))
+    return "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
 
 
 def _index_html(inputs: ReportInputs, results: _Results, files: list[str], versions: dict[str, str]) -> str:
@@ -363,6 +395,7 @@ def _index_html(inputs: ReportInputs, results: _Results, files: list[str], versi
         f"<p>{esc(model.cfg.architecture)} model, {model.cfg.n_layers} layers, {model.cfg.n_experts} routed experts, "
         f"top-{model.cfg.top_k}, MoE layers {esc(str(list(model.cfg.moe_layers)))}; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters.</p>",
+        "<h2>Summary</h2>", _summary_list(model.cfg.n_experts, results.tables),
         "<h2>Run</h2>", f"<pre>{esc(inputs.command)}</pre>",
         _key_values({"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "processes": f"{inputs.options.get('world_size', 1)} ({inputs.options.get('backend', 'none')})",
@@ -405,7 +438,7 @@ def write_report(inputs: ReportInputs) -> Path:
         return inputs.out
     slugs = _slugs(list(inputs.corpora))
     folder = build_folder(inputs.out)
-    bar = tqdm(total=6, desc="report", unit="step", disable=not inputs.progress)
+    bar = tqdm(total=7, desc="report", unit="step", disable=not inputs.progress)
 
     @contextmanager
     def stage(name: str):

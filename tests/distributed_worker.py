@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from moe_hooked import HookedMoETransformer
-from moe_hooked.analysis import perplexity_vs_top_k, pruning_curve, routing_stats, top_tokens_per_expert
+from moe_hooked.analysis import expert_importance, perplexity_vs_top_k, pruning_curve, routing_stats, top_tokens_per_expert
 from moe_hooked.cli import main as cli_main
 from moe_hooked.corpus import all_reduce_sums, corpus_batches, gather_by_batch, rank_and_world
 from moe_hooked.data import builtin_corpora
@@ -56,11 +56,13 @@ def compute_all(model: HookedMoETransformer) -> dict:
                    for _, batch in corpus_batches(model, corpora, progress=False, what="lengths", **budget)}
         results[name, "gather_by_batch"] = torch.cat(gather_by_batch(lengths, "lengths")).numpy()
         counts = routing_stats(model, corpora, progress=False, **budget)
-        results[name, "routing_stats"] = {k: getattr(counts, k) for k in ("counts", "tokens", "coactivation", "entropy_sum")}
+        fields = ("counts", "tokens", "coactivation", "entropy_sum", "sequence_counts", "sequence_tokens", "sequence_domains")
+        results[name, "routing_stats"] = {k: getattr(counts, k) for k in fields}
         texts = next(iter(corpora.values()))
         results[name, "top_tokens"] = top_tokens_per_expert(model, texts, layer, top=5, progress=False, **budget)
         results[name, "topk_cosine"] = topk_cosine(model, corpora, progress=False, **budget)
         results[name, "perplexity"] = perplexity_vs_top_k(model, corpora, progress=False, **budget)
+        results[name, "importance"] = expert_importance(model, corpora, method="attribution", progress=False, **budget)
         results[name, "pruning"] = pruning_curve(model, corpora, (0, 0.25, 0.5), progress=False, **budget)
         means = expert_output_means(model, texts[:4], batch_size=budget["batch_size"], max_length=16)
         results[name, "expert_means_texts"] = {k: v.numpy() for k, v in means.items()}

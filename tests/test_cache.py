@@ -71,3 +71,21 @@ def test_tokens_to_residual_directions_are_columns_of_W_U(run):
     directions = model.tokens_to_residual_directions(tokens)
     assert directions.shape == (2, 2, model.cfg.d_model)
     assert torch.allclose(directions[1, 0], model.W_U[:, 11])
+
+
+def test_one_accessor_reads_cached_hooks(run):
+    from moe_hooked.cache import MissingActivationError, cached_activations, cached_layers
+
+    model, tokens, _, cache = run
+    layer = model.cfg.moe_layers[0]
+    weights, resid = cache.activations(layer, ["topk_weights", "resid_mid"])
+    assert weights is cache.cache_dict[f"blocks.{layer}.mlp.hook_topk_weights"]
+    assert resid is cache.cache_dict[f"blocks.{layer}.hook_resid_mid"]
+    plain = {k: v for k, v in cache.cache_dict.items() if "topk" in k}  # a plain dict works too
+    assert cached_activations(plain, layer, ["topk_weights"], "test")[0] is weights
+    assert cached_layers(plain, ["topk_indices", "topk_weights"]) == list(model.cfg.moe_layers)
+    assert cache.layers_with(["shared_out"]) == list(model.cfg.moe_layers)
+    assert cache.layers_with(["resid_pre"]) == list(range(model.cfg.n_layers))
+    with pytest.raises(MissingActivationError, match=f"no 'blocks.{layer}.hook_resid_mid', which the lens reads"):
+        cached_activations(plain, layer, ["topk_weights", "resid_mid"], "the lens")
+    assert issubclass(MissingActivationError, KeyError) and issubclass(MissingActivationError, ValueError)

@@ -29,6 +29,7 @@ from moe_hooked.analysis.counts import (
     specialization,
     uniform_baseline,
 )
+from moe_hooked.analysis.paper import paper_routing_counts
 
 COUNTS = [[[10, 6, 4, 0], [5, 5, 5, 5]], [[1, 1, 4, 4], [5, 5, 0, 0]]]
 COACTIVATION = [
@@ -255,7 +256,9 @@ def test_adjust_pvalues_monotonicity_and_clipping():
 def test_specialization_by_hand():
     df = specialization(toy())
     assert list(df.columns) == ["domain", "layer", "expert", "count", "tokens", "fraction",
-                                "baseline", "ratio", "p_value", "p_adjusted", "specialized"]
+                                "baseline", "ratio", "ratio_ci_low", "ratio_ci_high", "p_value", "p_adjusted",
+                                "specialized"]
+    assert df["ratio_ci_low"].isna().all()  # no per-sequence counts: no interval
     a1 = rows(df, "a", 1)
     np.testing.assert_allclose(a1.fraction, [1.0, 0.6, 0.4, 0.0])
     np.testing.assert_allclose(a1.ratio, [2.0, 1.2, 0.8, 0.0])
@@ -386,6 +389,35 @@ def paper_counts():
     if not PAPER_COUNTS.exists():
         pytest.skip(f"paper routing counts not found at {PAPER_COUNTS}")
     return json.loads(PAPER_COUNTS.read_text())["counts"]
+
+
+# the model's MoE layer indices: OLMoE and Qwen1.5-MoE have no dense layer, DeepSeekMoE-16B's layer 0 is dense
+MODEL_MOE_LAYERS = {"olmoe": range(16), "qwen": range(24), "deepseek-base": range(1, 28), "deepseek-chat": range(1, 28)}
+
+
+@pytest.mark.parametrize("model", sorted(PAPER_MODELS))
+def test_paper_layer_keys_map_to_model_layers(paper_counts, model):
+    rc = paper_routing_counts(PAPER_COUNTS, model)
+    assert rc.layers == list(MODEL_MOE_LAYERS[model])
+    offset = 1 if model in ("olmoe", "qwen") else 0  # the paper's keys are 1-based there
+    raw = paper_counts[model]
+    for domain in rc.domains:
+        for layer in (rc.layers[0], rc.layers[-1]):
+            assert rc.counts[rc.domain_index(domain), rc.layer_index(layer)].tolist() == raw[domain][str(layer + offset)]
+    with pytest.raises(ValueError, match="unknown paper model"):
+        paper_routing_counts(PAPER_COUNTS, "mixtral")
+
+
+def test_paper_layer_mapping_on_a_small_file(tmp_path):
+    """Runs without the shared data: keys "1", "2" are OLMoE layers 0, 1 and DeepSeek layers 1, 2."""
+    path = tmp_path / "counts.json"
+    layers = {"1": [24, 0] + [0] * 10, "2": [0, 24] + [0] * 10}  # 24: a multiple of both top-k (8 and 6)
+    path.write_text(json.dumps({"counts": {"olmoe": {"x": layers}, "deepseek-base": {"x": layers}}}))
+    olmoe = paper_routing_counts(path, "olmoe")
+    assert olmoe.layers == [0, 1] and olmoe.counts[0, 0, 0] == 24 and olmoe.top_k == 8
+    assert paper_routing_counts(path, "deepseek-base").layers == [1, 2]
+    with pytest.raises(ValueError, match="no counts for 'qwen'"):
+        paper_routing_counts(path, "qwen")
 
 
 @pytest.mark.parametrize("model", sorted(PAPER_MODELS))

@@ -104,7 +104,7 @@ def hand_expert_lens_vectors(cache, layer: int, batch: int, pos: int, shared: bo
     k = len(w)
     rows = [("resid_mid", 0, u)]
     rows += [(f"top{j}", j, u + s + sum(w[i] * out[i] for i in range(j))) for j in range(1, k + 1)]
-    rows += [("expert", j + 1, u + w[j] * out[j]) for j in range(k)]
+    rows += [("expert", j + 1, u + s + w[j] * out[j]) for j in range(k)]
     if shared:
         rows.append(("shared", 0, u + s))
     rows.append(("resid_post", k, get("hook_resid_post")))
@@ -201,16 +201,18 @@ def test_lens_errors(olmoe, qwen):
 # ---------------------------------------------------------------------------
 
 
-def hand_cosine(cache, layer: int, shared: bool = False) -> torch.Tensor:
-    """[batch pos] cos(u + w_0 E_0, u + routed_out) (+ shared on both), from the cache."""
+def hand_cosine(cache, layer: int, shared: bool = False, variant: str = "top1") -> torch.Tensor:
+    """[batch pos] cos(u + w_0 E_0, u + routed_out) (+ shared in u), from the cache; variant
+    "u_only": cos(u, u + routed_out); "update": cos(w_0 E_0, routed_out)."""
     mlp = f"blocks.{layer}.mlp"
     u = cache[f"blocks.{layer}.hook_resid_mid"].double()
     if shared:
         u = u + cache[f"{mlp}.hook_shared_out"].double()
     w0 = cache[f"{mlp}.hook_topk_weights"][..., 0, None].double()
-    top1 = u + w0 * cache[f"{mlp}.hook_expert_out"][..., 0, :].double()
-    full = u + cache[f"{mlp}.hook_routed_out"].double()
-    return (top1 * full).sum(-1) / (top1.norm(dim=-1) * full.norm(dim=-1))
+    update1 = w0 * cache[f"{mlp}.hook_expert_out"][..., 0, :].double()
+    routed = cache[f"{mlp}.hook_routed_out"].double()
+    a, b = {"top1": (u + update1, u + routed), "u_only": (u, u + routed), "update": (update1, routed)}[variant]
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
 @pytest.mark.parametrize("name, shared", [("olmoe", False), ("qwen", True)])
@@ -234,16 +236,25 @@ def test_topk_cosine_from_cache_masks_padding(olmoe):
     for row, n in enumerate(lengths):
         mask[row, :n] = 1
     table = topk_cosine_from_cache(model, cache, attention_mask=mask)
-    assert list(table.columns) == ["layer", "variant", "cosine", "n_tokens"]
+    assert list(table.columns) == ["layer", "variant", "cosine", "ci_low", "ci_high", "n_tokens"]
     for layer in model.cfg.moe_layers:
         cos = hand_cosine(cache, layer)
         real = torch.cat([cos[row, :n] for row, n in enumerate(lengths)])
         last = torch.stack([cos[row, n - 1] for row, n in enumerate(lengths)])
         rows = table[table["layer"] == layer].set_index("variant")
-        assert rows.loc["all_tokens", "n_tokens"] == sum(lengths)
+        assert rows.loc["all_tokens", "n_tokens"] == rows.loc["u_only", "n_tokens"] == sum(lengths)
         assert rows.loc["last_token", "n_tokens"] == len(TEXTS)
         assert rows.loc["all_tokens", "cosine"] == pytest.approx(real.mean().item(), abs=1e-6)
         assert rows.loc["last_token", "cosine"] == pytest.approx(last.mean().item(), abs=1e-6)
+        for variant in ("u_only", "update"):
+            baseline = hand_cosine(cache, layer, variant=variant)
+            real = torch.cat([baseline[row, :n] for row, n in enumerate(lengths)])
+            assert rows.loc[variant, "cosine"] == pytest.approx(real.mean().item(), abs=1e-6)
+        # the interval is the range of sequence-resampled means: it holds the mean and lies within
+        # the per-sequence means' range
+        per_text = [cos[row, :n].sum().item() / n for row, n in enumerate(lengths)]
+        low, high = rows.loc["all_tokens", ["ci_low", "ci_high"]]
+        assert min(per_text) - 1e-6 <= low <= rows.loc["all_tokens", "cosine"] <= high <= max(per_text) + 1e-6
 
 
 def test_topk_cosine_streams_corpora_like_unpadded_runs(qwen):
@@ -251,7 +262,7 @@ def test_topk_cosine_streams_corpora_like_unpadded_runs(qwen):
     model, _ = qwen
     corpora = {"prose": TEXTS[:1] * 2 + TEXTS[2:], "code": TEXTS[1:2]}
     table = topk_cosine(model, corpora, batch_size=2, include_shared=True, progress=False)
-    assert list(table.columns) == ["domain", "layer", "variant", "cosine", "n_tokens"]
+    assert list(table.columns) == ["domain", "layer", "variant", "cosine", "ci_low", "ci_high", "n_tokens"]
     assert table["domain"].unique().tolist() == ["prose", "code"]
     for domain, texts in corpora.items():
         caches = [model.run_with_cache(text)[1] for text in texts]
@@ -263,3 +274,5 @@ def test_topk_cosine_streams_corpora_like_unpadded_runs(qwen):
             assert rows.loc["all_tokens", "cosine"] == pytest.approx(all_tokens.mean().item(), abs=1e-5)
             last = torch.stack([c[-1] for c in per_text])
             assert rows.loc["last_token", "cosine"] == pytest.approx(last.mean().item(), abs=1e-5)
+            update = torch.cat([hand_cosine(c, layer, shared=True, variant="update")[0] for c in caches])
+            assert rows.loc["update", "cosine"] == pytest.approx(update.mean().item(), abs=1e-5)

@@ -68,7 +68,8 @@ def rows(frame, column, value):
 # ----------------------------------------------------------------------------- perplexity vs top-k
 def test_full_top_k_equals_the_model_loss(model):
     frame = perplexity_vs_top_k(model, CORPORA, batch_size=2, progress=False)
-    assert list(frame.columns) == ["domain", "k", "mean_log_ppl", "ppl", "normalized_log_ppl", "n_tokens"]
+    assert list(frame.columns) == ["domain", "k", "mean_log_ppl", "ppl", "delta_log_ppl", "ci_low", "ci_high",
+                                   "ppl_ratio", "normalized_log_ppl", "n_tokens"]
     assert sorted(frame["k"].unique()) == list(range(1, model.cfg.top_k + 1))
     full = rows(frame, "k", model.cfg.top_k)
     for domain, texts in CORPORA.items():
@@ -88,6 +89,45 @@ def test_top_1_by_hand_with_chunking(model):
         assert top1.loc[domain, "n_tokens"] == count
     unmodified, _ = mean_nll_by_hand(model, CORPORA["english"], max_length=6)
     assert top1.loc["english", "mean_log_ppl"] != pytest.approx(unmodified, abs=1e-4)
+
+
+def per_text_nll(model, texts, hooks=()):
+    """(summed NLL, predicted tokens) of each text, one unpadded run each."""
+    return [mean_nll_by_hand(model, [text], hooks) for text in texts]
+
+
+def test_delta_intervals_and_per_sample_average_by_hand(model):
+    frame = perplexity_vs_top_k(model, CORPORA, ks=[1], batch_size=2, progress=False, n_boot=300)
+    sample = perplexity_vs_top_k(model, CORPORA, ks=[1], average="sample", progress=False, n_boot=300)
+    for domain, texts in CORPORA.items():
+        top1 = per_text_nll(model, texts, top1_by_hand(model))
+        full = per_text_nll(model, texts)
+        n = np.array([c for _, c in full])
+        deltas = np.array([m1 * c - m * c for (m1, c), (m, _) in zip(top1, full)])  # summed NLL change per text
+        row = rows(frame, "k", 1).loc[domain]
+        assert row["delta_log_ppl"] == pytest.approx(deltas.sum() / n.sum(), abs=1e-6)
+        assert row["ppl_ratio"] == pytest.approx(np.exp(row["delta_log_ppl"]))
+        per_text = deltas / n
+        assert per_text.min() - 1e-6 <= row["ci_low"] <= row["delta_log_ppl"] <= row["ci_high"] <= per_text.max() + 1e-6
+        macro = rows(sample, "k", 1).loc[domain]
+        assert macro["mean_log_ppl"] == pytest.approx(np.mean([m for m, _ in top1]), abs=1e-6)
+        assert macro["delta_log_ppl"] == pytest.approx(per_text.mean(), abs=1e-6)
+
+
+def test_renormalize_scales_the_kept_weights(model):
+    frame = perplexity_vs_top_k(model, CORPORA, ks=[1], renormalize=True, progress=False, n_boot=50)
+
+    def first_slot_carries_all(weights, hook):
+        out = torch.zeros_like(weights)
+        out[..., 0] = weights.sum(-1)
+        return out
+
+    hooks = [(f"blocks.{layer}.mlp.hook_topk_weights", first_slot_carries_all) for layer in model.cfg.moe_layers]
+    for domain, texts in CORPORA.items():
+        expected, _ = mean_nll_by_hand(model, texts, hooks)
+        assert rows(frame, "k", 1).loc[domain, "mean_log_ppl"] == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="average must be"):
+        perplexity_vs_top_k(model, CORPORA, average="macro", progress=False)
 
 
 def test_normalized_log_ppl_is_min_max_per_domain(model):

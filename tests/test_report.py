@@ -16,10 +16,11 @@ import pytest
 import torch
 from chromium import chromium_binary, is_blank, open_page
 from hf_models import build_hf, qwen2_moe_config, save_hf
+from scipy.stats import spearmanr
 from tiny import tiny_model
 
 from moe_hooked import HookedMoETransformer
-from moe_hooked.analysis import RoutingCounts, specialization
+from moe_hooked.analysis import RoutingCounts, coverage, expert_importance, routing_entropy, specialization
 from moe_hooked.cli import main
 from moe_hooked.data import count_tokens
 from moe_hooked.lens import expert_lens
@@ -31,6 +32,9 @@ CORPORA = {
 }
 MAX_TOKENS = 48
 needs_chromium = pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (apt-get install chromium)")
+
+
+FIGURES = ("specialization", "cosine", "perplexity", "perplexity_normalized", "pruning", "importance")
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +78,9 @@ def test_report_writes_every_file(report):
     assert "report:" in stderr  # the tqdm progress bar
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     expected = {"index.html", "report.json", "counts.json", "expert_lens.csv"}
-    expected |= {f"{name}.csv" for name in ("specialization", "coverage", "entropy", "specialists", "cosine", "perplexity", "pruning")}
-    expected |= {f"figures/{name}.png" for name in ("specialization", "cosine", "perplexity", "pruning")}
+    expected |= {f"{name}.csv" for name in ("specialization", "coverage", "entropy", "specialists", "cosine", "perplexity", "pruning",
+                                            "importance", "importance_correlation", "top_experts", "routing_intervals")}
+    expected |= {f"figures/{name}.png" for name in FIGURES}
     expected |= {f"{kind}_{domain}.html" for kind in ("routing", "expert_lens") for domain in CORPORA}
     expected |= {f"figures/coactivation_{domain}.png" for domain in CORPORA}
     assert files == expected
@@ -92,7 +97,7 @@ def test_report_numbers(report, model):
         n_tokens = min(MAX_TOKENS, in_corpus)
         assert (counts.tokens[d] == n_tokens).all()
     spec = pd.read_csv(out / "specialization.csv")
-    expected = specialization(counts)
+    expected = specialization(counts, test="sequence")
     pd.testing.assert_frame_equal(spec.drop(columns="specialized"), expected.drop(columns="specialized"), check_dtype=False)
     assert spec["specialized"].tolist() == expected["specialized"].tolist()
     ppl = pd.read_csv(out / "perplexity.csv")
@@ -101,6 +106,21 @@ def test_report_numbers(report, model):
     assert set(pruning["domain"]) == set(CORPORA) and (pruning["n_pruned_per_layer"] <= model.cfg.n_experts - model.cfg.top_k).all()
     cosine = pd.read_csv(out / "cosine.csv")
     assert set(cosine["layer"]) == set(model.cfg.moe_layers)
+    importance = pd.read_csv(out / "importance.csv")
+    fresh = expert_importance(model, CORPORA, method="attribution", max_tokens=MAX_TOKENS, progress=False)
+    np.testing.assert_allclose(importance["delta_nll"], fresh["delta_nll"], rtol=1e-4, atol=1e-9)
+    correlation = pd.read_csv(out / "importance_correlation.csv")
+    for row in correlation.itertuples():
+        at_layer = fresh[fresh["layer"] == row.layer]
+        assert row.spearman_rho == pytest.approx(spearmanr(at_layer["routed_fraction"], at_layer["delta_nll"]).statistic)
+    intervals = pd.read_csv(out / "routing_intervals.csv").set_index(["domain", "statistic"])
+    entropy = routing_entropy(counts).groupby("domain")["normalized_entropy"].mean()
+    coverage_50 = coverage(counts, q=0.5).groupby("domain")["n_experts_needed"].mean()
+    for domain in CORPORA:
+        assert intervals.loc[(domain, "normalized_entropy"), "value"] == pytest.approx(entropy[domain])
+        assert intervals.loc[(domain, "experts_for_50%"), "value"] == pytest.approx(coverage_50[domain])
+        row = intervals.loc[(domain, "experts_for_50%")]
+        assert row["ci_low"] <= row["value"] <= row["ci_high"]
 
     lens = pd.read_csv(out / "expert_lens.csv", keep_default_na=False)
     for domain, texts in CORPORA.items():  # the sample prompt: the first text's first tokens
@@ -117,6 +137,7 @@ def test_report_numbers(report, model):
     assert meta["config"]["n_experts"] == model.cfg.n_experts
     page = (out / "index.html").read_text()
     assert "moe-hooked report --model" in page and "n_experts" in page
+    assert "Experts needed to cover 50% of the routing decisions" in page and "Spearman rank correlation" in page
     assert "http://" not in page and "https://" not in page
 
 
@@ -131,7 +152,7 @@ def test_index_page_loads_offline_in_chromium(report):
     assert page.console_errors == []
     assert page.network_requests == []
     assert all(url.startswith((out.as_uri() + "/")) for url in page.requests), page.requests
-    assert page.value == {"images": 4 + len(CORPORA), "iframes": len(CORPORA), "grids": len(CORPORA)}
+    assert page.value == {"images": len(FIGURES) + len(CORPORA), "iframes": len(CORPORA), "grids": len(CORPORA)}
     assert not is_blank(page.screenshot)
 
 

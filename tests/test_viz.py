@@ -332,7 +332,7 @@ def test_specialization_figure_bars_and_baseline():
 
 
 def assert_lines(ax, expected: dict[str, tuple[list, list]]):
-    lines = {line.get_label(): line for line in ax.lines}
+    lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}  # not reference lines
     assert list(lines) == list(expected)
     for label, (x, y) in expected.items():
         np.testing.assert_allclose(lines[label].get_xdata(), x)
@@ -353,8 +353,17 @@ def test_line_figures_plot_the_table():
     assert_lines(last_token, {"en": ([0, 2], [0.8, 0.6]), "fr": ([0, 2], [0.85, 0.65])})
 
     ppl = pd.DataFrame({"domain": ["en", "en", "en"], "k": [3, 1, 2], "mean_log_ppl": [1.0, 3.0, 2.0],
-                        "ppl": np.exp([1.0, 3.0, 2.0]), "normalized_log_ppl": [0.0, 1.0, 0.5], "n_tokens": 5})
-    assert_lines(perplexity_figure(ppl).axes[0], {"en": ([1, 2, 3], [1.0, 0.5, 0.0])})
+                        "ppl": np.exp([1.0, 3.0, 2.0]), "delta_log_ppl": [0.0, 2.0, 1.0], "ci_low": [0.0, 1.5, 0.8],
+                        "ci_high": [0.0, 2.5, 1.2], "ppl_ratio": np.exp([0.0, 2.0, 1.0]),
+                        "normalized_log_ppl": [0.0, 1.0, 0.5], "n_tokens": 5})
+    default = perplexity_figure(ppl).axes[0]
+    assert_lines(default, {"en": ([1, 2, 3], [2.0, 1.0, 0.0])})
+    assert default.get_ylabel().startswith("change in log-perplexity")
+    band = default.collections[0].get_paths()[0].vertices
+    np.testing.assert_allclose([band[:, 1].min(), band[:, 1].max()], [0.0, 2.5])
+    normalized = perplexity_figure(ppl, value="normalized_log_ppl").axes[0]
+    assert_lines(normalized, {"en": ([1, 2, 3], [1.0, 0.5, 0.0])})
+    assert "min-max normalised" in normalized.get_ylabel() and not normalized.collections
     assert_lines(perplexity_figure(ppl, value="ppl").axes[0], {"en": ([1, 2, 3], np.exp([3.0, 2.0, 1.0]))})
 
     pruning = pd.DataFrame({"domain": ["en", "en", "fr", "fr"], "fraction": [0.0, 0.5, 0.0, 0.5],
@@ -363,6 +372,21 @@ def test_line_figures_plot_the_table():
     assert_lines(pruning_figure(pruning).axes[0], {"en": ([0, 0.5], [2.7, 7.4]), "fr": ([0, 0.5], [4.5, 12.2])})
     with pytest.raises(ValueError, match="columns \\['cosine'\\] are missing"):
         cosine_figure(cosine.drop(columns="cosine"))
+
+
+def test_cosine_figure_shows_the_baselines_with_intervals():
+    variants = ["all_tokens", "last_token", "u_only", "update"]
+    cosine = pd.DataFrame({"domain": "en", "layer": np.repeat([1, 2], 4), "variant": variants * 2,
+                           "cosine": [0.99, 0.98, 0.95, 0.7, 0.97, 0.96, 0.9, 0.6], "n_tokens": 10})
+    cosine["ci_low"], cosine["ci_high"] = cosine["cosine"] - 0.01, cosine["cosine"] + 0.02
+    fig = cosine_figure(cosine)
+    assert [ax.get_title() for ax in fig.axes] == [
+        "cos(H^1, H^k), all tokens", "cos(H^1, H^k), last token (paper)",
+        "baseline cos(u, H^k): residual alone", "cos(H^1 - u, H^k - u): the updates"]
+    assert_lines(fig.axes[2], {"en": ([1, 2], [0.95, 0.9])})
+    assert_lines(fig.axes[3], {"en": ([1, 2], [0.7, 0.6])})
+    band = fig.axes[3].collections[0].get_paths()[0].vertices  # the shaded interval spans low..high
+    np.testing.assert_allclose([band[:, 1].min(), band[:, 1].max()], [0.59, 0.72])
 
 
 def test_coactivation_figure_shows_the_matrix():

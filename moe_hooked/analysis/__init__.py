@@ -10,6 +10,7 @@ from moe_hooked.analysis.counts import (
     specialization,
     uniform_baseline,
 )
+from moe_hooked.analysis.importance import expert_importance
 from moe_hooked.analysis.perplexity import perplexity_vs_top_k, pruning_curve
 from moe_hooked.analysis.routing import routing_stats, top_tokens_per_expert
 
@@ -18,6 +19,7 @@ __all__ = [
     "coactivation_matrix",
     "coverage",
     "domain_specialists",
+    "expert_importance",
     "perplexity_vs_top_k",
     "pruning_curve",
     "routing_entropy",

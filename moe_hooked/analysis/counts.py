@@ -33,6 +33,9 @@ import numpy as np
 import pandas as pd
 from scipy import special, stats
 
+from moe_hooked.analysis.bootstrap import bootstrap_greater_test
+from moe_hooked.analysis.pvalues import Correction, adjust_pvalues
+
 __all__ = [
     "RoutingCounts",
     "uniform_baseline",
@@ -44,7 +47,7 @@ __all__ = [
     "domain_specialists",
 ]
 
-Correction = Literal["holm", "bonferroni", "fdr_bh", "none"]
+SEQUENCE_FIELDS = ("sequence_counts", "sequence_tokens", "sequence_domains")
 Family = Literal["domain", "layer", "all"]
 
 
@@ -90,6 +93,11 @@ class RoutingCounts:
             both ``i`` and ``j`` were in the top-k (symmetric; diagonal = counts).
         entropy_sum: optional ``[D, L]`` float, sum over tokens of the entropy
             (nats) of the full router softmax.
+        sequence_counts: optional ``[S, L, E]`` int32, ``counts`` of each of ``S``
+            sequences (chunks), for sequence-level tests and intervals; summed over
+            the sequences of a domain they give ``counts``.
+        sequence_tokens: ``[S]`` tokens of each sequence (with ``sequence_counts``).
+        sequence_domains: ``[S]`` index into ``domains`` of each sequence.
     """
 
     counts: np.ndarray
@@ -99,6 +107,9 @@ class RoutingCounts:
     tokens: np.ndarray | None = None
     coactivation: np.ndarray | None = None
     entropy_sum: np.ndarray | None = None
+    sequence_counts: np.ndarray | None = None
+    sequence_tokens: np.ndarray | None = None
+    sequence_domains: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.counts = _as_counts(self.counts, "counts")
@@ -175,6 +186,24 @@ class RoutingCounts:
             if not np.all(np.isfinite(ent) & (ent >= 0)):
                 raise ValueError("entropy_sum must be finite and non-negative")
             self.entropy_sum = ent
+        self._check_sequences()
+
+    def _check_sequences(self) -> None:
+        given = [getattr(self, n) is not None for n in SEQUENCE_FIELDS]
+        if not any(given):
+            return
+        if not all(given):
+            raise ValueError(f"{', '.join(SEQUENCE_FIELDS)} go together: give all three or none")
+        seq = _as_counts(self.sequence_counts, "sequence_counts").astype(np.int32)
+        _check_shape(seq, (seq.shape[0], *self.counts.shape[1:]), "sequence_counts")
+        tokens = _as_counts(self.sequence_tokens, "sequence_tokens")
+        domains = _as_counts(self.sequence_domains, "sequence_domains")
+        _check_shape(tokens, seq.shape[:1], "sequence_tokens")
+        _check_shape(domains, seq.shape[:1], "sequence_domains")
+        summed = np.stack([seq[domains == d].sum(0) for d in range(self.n_domains)])
+        if not np.array_equal(summed, self.counts):
+            raise ValueError("sequence_counts summed over each domain's sequences must equal counts")
+        self.sequence_counts, self.sequence_tokens, self.sequence_domains = seq, tokens, domains
 
     # -- shape helpers ------------------------------------------------------
 
@@ -250,7 +279,7 @@ class RoutingCounts:
                   "domains": np.array(self.domains, dtype=str),
                   "layers": np.array(self.layers, dtype=np.int64),
                   "top_k": np.array(self.top_k)}
-        for name in ("coactivation", "entropy_sum"):
+        for name in ("coactivation", "entropy_sum", *SEQUENCE_FIELDS):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
         return arrays
@@ -279,7 +308,8 @@ class RoutingCounts:
         return cls(counts=np.asarray(data["counts"]), tokens=np.asarray(data["tokens"]),
                    domains=[str(d) for d in data["domains"]],
                    layers=[int(x) for x in data["layers"]], top_k=int(data["top_k"]),
-                   coactivation=data.get("coactivation"), entropy_sum=data.get("entropy_sum"))
+                   coactivation=data.get("coactivation"), entropy_sum=data.get("entropy_sum"),
+                   **{name: data.get(name) for name in SEQUENCE_FIELDS})
 
     # -- merging ------------------------------------------------------------
 
@@ -300,6 +330,9 @@ class RoutingCounts:
             if (a is None) != (b is None):
                 raise ValueError(f"cannot add RoutingCounts: only one operand has {name}")
             optional[name] = None if a is None else a + b
+        if self.sequence_counts is not None and other.sequence_counts is not None:
+            optional.update({name: np.concatenate([getattr(self, name), getattr(other, name)])
+                             for name in SEQUENCE_FIELDS})
         return RoutingCounts(counts=self.counts + other.counts, tokens=self.tokens + other.tokens,
                              domains=self.domains, layers=self.layers, top_k=self.top_k,
                              **optional)
@@ -339,55 +372,6 @@ def uniform_baseline(top_k: int, n_experts: int) -> float:
     return top_k / n_experts
 
 
-def _via_sorted(p: np.ndarray, adjust) -> np.ndarray:
-    """Apply ``adjust(sorted_p [.., m], m)`` to ``p`` sorted ascending along the
-    last axis, clip to 1 and return the result in the original order."""
-    order = np.argsort(p, axis=-1, kind="stable")
-    adjusted = np.minimum(adjust(np.take_along_axis(p, order, -1), p.shape[-1]), 1.0)
-    out = np.empty_like(adjusted)
-    np.put_along_axis(out, order, adjusted, -1)
-    return out
-
-
-def _holm(ps: np.ndarray, m: int) -> np.ndarray:
-    # step-down: max over j <= i of (m - j + 1) p_(j)
-    return np.maximum.accumulate(ps * (m - np.arange(m)), axis=-1)
-
-
-def _fdr_bh(ps: np.ndarray, m: int) -> np.ndarray:
-    # step-up: min over j >= i of m p_(j) / j
-    scaled = ps * m / np.arange(1, m + 1)
-    return np.minimum.accumulate(scaled[..., ::-1], axis=-1)[..., ::-1]
-
-
-_CORRECTIONS = {
-    "none": lambda p: p.copy(),
-    "bonferroni": lambda p: np.minimum(p * p.shape[-1], 1.0),
-    "holm": lambda p: _via_sorted(p, _holm),
-    "fdr_bh": lambda p: _via_sorted(p, _fdr_bh),
-}
-
-
-def adjust_pvalues(p_values, method: Correction = "holm") -> np.ndarray:
-    """Multiple-comparison adjusted p-values; each slice along the last axis is one family.
-
-    Args:
-        p_values: ``[..., m]`` p-values in [0, 1].
-        method: "holm" (Holm-Bonferroni step-down, controls the family-wise error
-            rate), "bonferroni" (``m * p``), "fdr_bh" (Benjamini-Hochberg step-up,
-            controls the false discovery rate) or "none".
-
-    Returns:
-        ``[..., m]`` adjusted p-values (clipped to 1); reject where ``<= alpha``.
-    """
-    if method not in _CORRECTIONS:
-        raise ValueError(f"unknown correction {method!r}; choose from {sorted(_CORRECTIONS)}")
-    p = np.asarray(p_values, dtype=np.float64)
-    if p.ndim == 0 or not np.all((p >= 0) & (p <= 1)):
-        raise ValueError("p_values must be a non-empty array of numbers in [0, 1]")
-    return _CORRECTIONS[method](p)
-
-
 def _fractions(counts: RoutingCounts) -> np.ndarray:
     """``[D, L, E]`` fraction of the tokens for which each expert was selected."""
     return counts.counts / counts.tokens[..., None]
@@ -397,8 +381,9 @@ def specialization(
     counts: RoutingCounts,
     alpha: float = 0.05,
     correction: Correction = "holm",
-    threshold: float | None = None,
+    threshold: float | None = 1.5,
     family: Family = "domain",
+    test: Literal["binomial", "sequence"] = "binomial",
 ) -> pd.DataFrame:
     """Which experts a domain routes to more often than uniform routing would.
 
@@ -414,24 +399,31 @@ def specialization(
     list of specialized experts controls its own error rate; "layer" uses the
     ``E`` experts of one (domain, layer), "all" every row.
 
-    Caveats: tokens of one sequence are not independent draws (an expert that
-    handles a topic is picked for runs of neighbouring tokens), so the binomial
-    p-value is optimistic, and with the ~1e5-1e6 tokens of a typical corpus even
-    tiny departures from uniform become "significant". Read the ``ratio`` alongside,
-    and use ``threshold`` (e.g. 1.5) to require a minimum effect size.
+    The binomial test assumes every token an independent draw. Tokens of one
+    sequence are not (an expert that handles a topic is picked for runs of
+    neighbouring tokens), so its p-value is optimistic, and with the ~1e5-1e6 tokens
+    of a typical corpus even tiny departures from uniform become "significant".
+    ``test="sequence"`` (needs per-sequence counts: ``routing_stats`` keeps them)
+    treats sequences as the independent units instead: a one-sided z-test whose
+    standard error is the sequence-bootstrap one
+    (:func:`moe_hooked.analysis.bootstrap.bootstrap_greater_test`; assumes many
+    independent sequences). Either way ``specialized`` also needs the effect size
+    ``ratio >= threshold`` (default 1.5; None: significance alone).
 
     Args:
         counts: routing counts ``[D, L, E]``.
         alpha: level applied to ``p_adjusted``.
         correction: "holm", "bonferroni", "fdr_bh" or "none" (see :func:`adjust_pvalues`).
-        threshold: if given, ``specialized`` also requires ``ratio >= threshold``.
+        threshold: ``specialized`` also requires ``ratio >= threshold`` (None: no effect size).
         family: "domain", "layer" or "all", the set of tests corrected together.
+        test: "binomial" (tokens independent) or "sequence" (sequences independent).
 
     Returns:
         DataFrame with one row per (domain, layer, expert), domain-major:
-        ``domain, layer, expert, count, tokens, fraction, baseline, ratio, p_value,
-        p_adjusted, specialized`` (``specialized = p_adjusted <= alpha`` [and
-        ``ratio >= threshold``]).
+        ``domain, layer, expert, count, tokens, fraction, baseline, ratio, ratio_ci_low,
+        ratio_ci_high, p_value, p_adjusted, specialized`` (``specialized = p_adjusted <=
+        alpha`` [and ``ratio >= threshold``]); the ratio's 95% sequence-bootstrap interval
+        is NaN without per-sequence counts.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -443,6 +435,11 @@ def specialization(
     fraction = _fractions(counts)
     ratio = fraction / baseline
     p_value = stats.binom.sf(counts.counts - 1, tokens, baseline)  # P(X >= count)
+    sequence_p, low, high = _sequence_test(counts, baseline, required=test == "sequence")
+    if test == "sequence":
+        p_value = sequence_p
+    elif test != "binomial":
+        raise ValueError(f"unknown test {test!r}: use 'binomial' or 'sequence'")
     p_adj = adjust_pvalues(p_value.reshape(families[family], -1), correction)
     p_adj = p_adj.reshape(p_value.shape)
     specialized = p_adj <= alpha
@@ -450,7 +447,21 @@ def specialization(
         specialized &= ratio >= threshold
     return _frame(counts, expert=np.arange(counts.n_experts), count=counts.counts,
                   tokens=tokens, fraction=fraction, baseline=baseline, ratio=ratio,
-                  p_value=p_value, p_adjusted=p_adj, specialized=specialized)
+                  ratio_ci_low=low / baseline, ratio_ci_high=high / baseline, p_value=p_value, p_adjusted=p_adj, specialized=specialized)
+
+
+def _sequence_test(counts: RoutingCounts, baseline: float, required: bool) -> tuple[np.ndarray, ...]:
+    """Per (domain, layer, expert) [D, L, E]: the sequence-level p-value of "fraction > baseline"
+    and the fraction's bootstrap interval; NaN without per-sequence counts (an error if `required`)."""
+    if counts.sequence_counts is None:
+        if required:
+            raise ValueError("test='sequence' needs per-sequence counts: count with routing_stats "
+                             "(it keeps them), or pass sequence_counts/tokens/domains")
+        return (np.full(counts.counts.shape, np.nan),) * 3
+    per_domain = [bootstrap_greater_test(counts.sequence_counts[counts.sequence_domains == d],
+                                         counts.sequence_tokens[counts.sequence_domains == d], baseline)
+                  for d in range(counts.n_domains)]
+    return tuple(np.stack(x) for x in zip(*per_domain))
 
 
 # ---------------------------------------------------------------------------

@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
+from moe_hooked.analysis.bootstrap import CONFIDENCE, N_BOOTSTRAP, bootstrap_ratio
 from moe_hooked.analysis.counts import RoutingCounts
 from moe_hooked.analysis.routing import routing_stats
-from moe_hooked.corpus import all_reduce_sums, corpus_batches, shared_failures
+from moe_hooked.corpus import corpus_batches, gather_by_batch, shared_failures
 from moe_hooked.interventions import FwdHooks, ablate_experts, keep_top_k
+
+if TYPE_CHECKING:
+    from moe_hooked.model import HookedMoETransformer
 
 __all__ = ["perplexity_vs_top_k", "pruning_curve"]
 
@@ -30,8 +36,27 @@ MAX_LENGTH = 512
 """Default chunk length, capped by the model's context."""
 
 
+@dataclass
+class _NLL:
+    """Per domain: summed next-token NLL per sequence (chunk) and variant [n_seq variant], and
+    the predicted (real target) tokens per sequence [n_seq]."""
+
+    per_sequence: list[np.ndarray]
+    tokens: list[np.ndarray]
+
+    @property
+    def sums(self) -> np.ndarray:
+        """[domain variant] summed NLL."""
+        return np.stack([x.sum(0) for x in self.per_sequence])
+
+    @property
+    def n_tokens(self) -> np.ndarray:
+        """[domain] predicted tokens."""
+        return np.array([n.sum() for n in self.tokens], dtype=np.int64)
+
+
 def _nll_sums(
-    model,
+    model: HookedMoETransformer,
     corpora: Mapping[str, Sequence[str]],
     variants: Sequence[FwdHooks],
     max_length: int,
@@ -39,29 +64,31 @@ def _nll_sums(
     max_tokens: int | None,
     progress: bool,
     what: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Summed next-token NLL [domain variant] of each domain under each list of hooks, and the
-    number of predicted (real target) tokens [domain]."""
-    sums = np.zeros((len(corpora), len(variants)))
-    n_tokens = np.zeros(len(corpora), dtype=np.int64)
+) -> _NLL:
+    """Next-token NLL of each domain's sequences under each list of hooks."""
+    per_batch: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # batch index -> (domain, nll [b variant], tokens [b])
     batches = corpus_batches(model, corpora, max_length, batch_size, max_tokens, progress, what)
     with torch.inference_mode():
         for d, batch in batches:
-            for v, hooks in enumerate(variants):
-                nll = model.run_with_hooks(
+            nll = [
+                model.run_with_hooks(
                     batch.tokens,
                     attention_mask=batch.attention_mask,
                     return_type="loss",
                     loss_per_token=True,
                     fwd_hooks=hooks,
-                )  # [batch pos-1], zero at padded targets
-                sums[d, v] += nll.double().sum().item()
-            n_tokens[d] += int(batch.attention_mask[:, 1:].sum())
-    sums, n_tokens = (x.numpy() for x in all_reduce_sums([torch.from_numpy(sums), torch.from_numpy(n_tokens)], what))
-    empty = [domain for domain, n in zip(corpora, n_tokens) if n == 0]
+                ).double().sum(-1)  # [batch]: padded targets count zero
+                for hooks in variants
+            ]
+            per_batch[batch.index] = (d, torch.stack(nll, -1).cpu().numpy(), batch.attention_mask[:, 1:].sum(-1).cpu().numpy())
+    gathered = gather_by_batch(per_batch, what)  # every rank's batches, in single-process order
+    per_sequence = [np.concatenate([x for dd, x, _ in gathered if dd == d]) for d in range(len(corpora))]
+    tokens = [np.concatenate([n for dd, _, n in gathered if dd == d]) for d in range(len(corpora))]
+    result = _NLL(per_sequence, tokens)
+    empty = [domain for domain, n in zip(corpora, result.n_tokens) if n == 0]
     if empty:
         raise ValueError(f"domains {empty} have no token to predict: every chunk is a single token")
-    return sums, n_tokens
+    return result
 
 
 def _max_length(model, max_length: int | None) -> int:
@@ -82,42 +109,80 @@ def _frame(corpora, column: str, values: Sequence, sums: np.ndarray, n_tokens: n
 
 @shared_failures("perplexity_vs_top_k")
 def perplexity_vs_top_k(
-    model,
+    model: HookedMoETransformer,
     corpora: Mapping[str, Sequence[str]],
     ks: Sequence[int] | None = None,
     max_length: int | None = None,
     batch_size: int = 8,
     max_tokens: int | None = None,
     progress: bool = True,
+    renormalize: bool = False,
+    average: Literal["token", "sample"] = "token",
+    confidence: float = CONFIDENCE,
+    n_boot: int = N_BOOTSTRAP,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """Log-perplexity of each domain when every MoE layer uses only its top k' experts.
+    """Log-perplexity of each domain when every MoE layer uses only its top k' experts, and its
+    change from the unmodified model with a bootstrap interval.
 
-    For each k' in `ks` (default 1..top_k) the model runs with `keep_top_k(model, k')`: the k'
-    highest-weighted experts keep the weights the model computed (no renormalisation), as in
-    the paper. Texts are cut into chunks of at most `max_length` tokens (default
-    min(n_ctx, 512)); `max_tokens` caps the tokens read per domain.
+    For each k' in `ks` (default 1..top_k) the model runs with `keep_top_k(model, k',
+    renormalize=renormalize)`: slots 0..k'-1 keep the weights the model computed (the paper; with
+    `renormalize` they are scaled to the original total weight). Texts are cut into chunks of at
+    most `max_length` tokens (default min(n_ctx, 512); the paper used 2048); `max_tokens` caps
+    the tokens read per domain.
 
-    Returns columns `domain, k, mean_log_ppl, ppl, normalized_log_ppl, n_tokens`:
-    `mean_log_ppl` is the mean next-token NLL (nats) over the `n_tokens` predicted tokens,
-    `ppl` = exp(mean_log_ppl), and `normalized_log_ppl` min-max normalises mean_log_ppl over
-    the k' of each domain to [0, 1] (0 when all k' give the same value).
+    `average`: "token" (micro: the mean NLL over all predicted tokens of the domain) or
+    "sample" (macro, as the paper's code: the mean over chunks of each chunk's mean NLL, so
+    that every chunk weighs the same).
+
+    Returns columns `domain, k, mean_log_ppl, ppl, delta_log_ppl, ci_low, ci_high, ppl_ratio,
+    normalized_log_ppl, n_tokens`: `mean_log_ppl` (nats) as `average` says over the `n_tokens`
+    predicted tokens, `ppl` = exp(mean_log_ppl); `delta_log_ppl` = mean_log_ppl - that of the
+    unmodified model (top_k experts), with its percentile bootstrap interval over chunks
+    (`ci_low`, `ci_high`, see `moe_hooked.analysis.bootstrap`) and `ppl_ratio` =
+    exp(delta_log_ppl); `normalized_log_ppl` is the paper's min-max normalisation of
+    mean_log_ppl over the k' of each domain to [0, 1] (0 when all k' give the same value). It
+    hides the size and the direction of the change: plot `delta_log_ppl` first.
     """
+    if average not in ("token", "sample"):
+        raise ValueError(f"average must be 'token' (per-token, micro) or 'sample' (per-chunk, macro), got {average!r}")
     ks = list(range(1, model.cfg.top_k + 1)) if ks is None else list(ks)
-    variants = [keep_top_k(model, k) for k in ks]
-    max_length = _max_length(model, max_length)
-    sums, n_tokens = _nll_sums(
-        model, corpora, variants, max_length, batch_size, max_tokens, progress, "perplexity_vs_top_k"
-    )
-    frame = _frame(corpora, "k", ks, sums, n_tokens)
+    variants = [keep_top_k(model, k, renormalize=renormalize) for k in ks]
+    reference = ks.index(model.cfg.top_k) if model.cfg.top_k in ks else len(variants)
+    variants += [] if reference < len(ks) else [[]]  # the unmodified model, when not among the k'
+    nll = _nll_sums(model, corpora, variants, _max_length(model, max_length), batch_size, max_tokens, progress,
+                    "perplexity_vs_top_k")
+    frames = []
+    for d, domain in enumerate(corpora):
+        num, den = _averaged(nll.per_sequence[d], nll.tokens[d], average)
+        mean = num.sum(0) / den.sum()  # [variant]
+        low, high = bootstrap_ratio(num - num[:, reference, None], den, confidence, n_boot, seed)
+        frames.append(pd.DataFrame({"domain": domain, "k": ks, "mean_log_ppl": mean[: len(ks)],
+                                    "delta_log_ppl": (mean - mean[reference])[: len(ks)],
+                                    "ci_low": low[: len(ks)], "ci_high": high[: len(ks)],
+                                    "n_tokens": int(nll.tokens[d].sum())}))
+    frame = pd.concat(frames, ignore_index=True)
+    frame["ppl"] = np.exp(frame["mean_log_ppl"])
+    frame["ppl_ratio"] = np.exp(frame["delta_log_ppl"])
     by_domain = frame.groupby("domain", sort=False)["mean_log_ppl"]
     low, high = by_domain.transform("min"), by_domain.transform("max")
     frame["normalized_log_ppl"] = ((frame["mean_log_ppl"] - low) / (high - low)).where(high > low, 0.0)
-    return frame[["domain", "k", "mean_log_ppl", "ppl", "normalized_log_ppl", "n_tokens"]]
+    return frame[["domain", "k", "mean_log_ppl", "ppl", "delta_log_ppl", "ci_low", "ci_high", "ppl_ratio",
+                  "normalized_log_ppl", "n_tokens"]]
+
+
+def _averaged(per_sequence: np.ndarray, tokens: np.ndarray, average: str) -> tuple[np.ndarray, np.ndarray]:
+    """Numerators [n_seq variant] and denominators [n_seq] whose ratio of sums is the average:
+    (NLL sums, tokens) per token; (per-chunk mean NLL, 1) per sample (chunks with a target)."""
+    if average == "token":
+        return per_sequence, tokens
+    keep = tokens > 0
+    return per_sequence[keep] / tokens[keep, None], np.ones(int(keep.sum()))
 
 
 @shared_failures("pruning_curve")
 def pruning_curve(
-    model,
+    model: HookedMoETransformer,
     corpora: Mapping[str, Sequence[str]],
     fractions: Sequence[float] = (0, 0.25, 0.5, 0.75),
     usage=None,
@@ -146,8 +211,8 @@ def pruning_curve(
         usage = routing_stats(model, corpora, max_length, batch_size, max_tokens, coactivation=False, progress=progress)
     usage = _usage_matrix(model.cfg, usage)
     variants = [ablate_experts(model, _least_used(model.cfg, usage, n), mode="reroute") for n in n_pruned]
-    sums, n_tokens = _nll_sums(model, corpora, variants, max_length, batch_size, max_tokens, progress, "pruning_curve")
-    frame = _frame(corpora, "fraction", list(fractions), sums, n_tokens)
+    nll = _nll_sums(model, corpora, variants, max_length, batch_size, max_tokens, progress, "pruning_curve")
+    frame = _frame(corpora, "fraction", list(fractions), nll.sums, nll.n_tokens)
     frame["n_pruned_per_layer"] = np.tile(n_pruned, len(corpora))
     return frame[["domain", "fraction", "n_pruned_per_layer", "mean_log_ppl", "ppl"]]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,8 +23,11 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 
 from moe_hooked.analysis.counts import RoutingCounts
-from moe_hooked.corpus import all_reduce_sums, corpus_batches, shared_failures
+from moe_hooked.corpus import all_reduce_sums, corpus_batches, gather_by_batch, shared_failures
 from moe_hooked.hook_names import get_act_name
+
+if TYPE_CHECKING:
+    from moe_hooked.model import HookedMoETransformer
 
 __all__ = ["routing_stats", "top_tokens_per_expert"]
 
@@ -43,17 +47,32 @@ class _RoutingAccumulator:
         if coactivation:
             self.coactivation = torch.zeros(*shape, cfg.n_experts, cfg.n_experts, dtype=torch.long, device=device)
         self.layers = list(cfg.moe_layers)
+        self.sequences: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        """batch index -> (domain, counts [b L E], tokens [b]) of its sequences."""
 
-    def hooks(self, domain: int, mask: Bool[torch.Tensor, "batch pos"]) -> list[tuple[str, Callable]]:
-        """Forward hooks that add one batch (real tokens: `mask`) into the sums of `domain`."""
+    def hooks(self, domain: int, mask: Bool[torch.Tensor, "batch pos"], index: int) -> list[tuple[str, Callable]]:
+        """Forward hooks that add batch `index` (real tokens: `mask`) into the sums of `domain`."""
+        shape = (mask.shape[0], len(self.layers), self.n_experts)
+        per_sequence = torch.zeros(shape, dtype=torch.int32, device=mask.device)
+        self.sequences[index] = (domain, per_sequence, mask.sum(-1))
         hooks = []
         for i, layer in enumerate(self.layers):
-            hooks.append((get_act_name("topk_indices", layer), partial(self._count, domain, i, mask)))
+            hooks.append((get_act_name("topk_indices", layer), partial(self._count, domain, i, mask, per_sequence)))
             hooks.append((get_act_name("router_probs", layer), partial(self._entropy, domain, i, mask)))
         return hooks
 
-    def _count(self, d: int, i: int, mask: torch.Tensor, indices: Int[torch.Tensor, "batch pos k"], hook) -> None:
-        selected = F.one_hot(indices[mask], self.n_experts).amax(dim=-2)  # [n_tokens E], 1 where in the top-k
+    def _count(
+        self,
+        d: int,
+        i: int,
+        mask: torch.Tensor,
+        per_sequence: Int[torch.Tensor, "batch L E"],
+        indices: Int[torch.Tensor, "batch pos k"],
+        hook,
+    ) -> None:
+        in_top_k = F.one_hot(indices, self.n_experts).amax(dim=-2)  # [batch pos E], 1 where in the top-k
+        per_sequence[:, i] = (in_top_k * mask[..., None]).sum(1).int()
+        selected = in_top_k[mask]  # [n_tokens E]
         self.counts[d, i] += selected.sum(0)
         self.tokens[d, i] += selected.shape[0]
         if self.coactivation is not None:
@@ -67,6 +86,8 @@ class _RoutingAccumulator:
         """The sums, totalled over the ranks of a process group (if any), as RoutingCounts."""
         sums = [self.counts, self.tokens, self.entropy_sum] + ([] if self.coactivation is None else [self.coactivation])
         counts, tokens, entropy_sum, *coactivation = (x.cpu().numpy() for x in all_reduce_sums(sums, "routing_stats"))
+        by_batch = {i: (d, c.cpu().numpy(), n.cpu().numpy()) for i, (d, c, n) in self.sequences.items()}
+        sequences = gather_by_batch(by_batch, "routing_stats")  # every rank's, in single-process order
         return RoutingCounts(
             counts=counts,
             tokens=tokens,
@@ -75,6 +96,9 @@ class _RoutingAccumulator:
             top_k=top_k,
             coactivation=coactivation[0] if coactivation else None,
             entropy_sum=entropy_sum,
+            sequence_counts=np.concatenate([c for _, c, _ in sequences]),
+            sequence_tokens=np.concatenate([n for _, _, n in sequences]),
+            sequence_domains=np.concatenate([np.full(len(n), d) for d, _, n in sequences]),
         )
 
 
@@ -86,7 +110,7 @@ def _require_moe(model) -> None:
 @shared_failures("routing_stats")
 @torch.inference_mode()
 def routing_stats(
-    model,
+    model: HookedMoETransformer,
     corpora: Mapping[str, Sequence[str]],
     max_length: int | None = None,
     batch_size: int = 8,
@@ -102,7 +126,9 @@ def routing_stats(
     domain's tokens. An expert counts for a token when it is among the token's top-k
     (`hook_topk_indices`), whatever its weight. Also accumulated: `coactivation`
     [D, L, E, E] (tokens on which both experts are selected; optional) and `entropy_sum`
-    [D, L] (sum over tokens of the router softmax entropy, nats).
+    [D, L] (sum over tokens of the router softmax entropy, nats), and per sequence (chunk)
+    its counts [S, L, E] (int32: 4 * L * E bytes per chunk), tokens and domain, for the
+    sequence-level test and intervals of `specialization`.
 
     The forward pass stops after the last MoE layer and keeps no activations: memory is
     that of one batch plus the accumulators, whatever the corpus size.
@@ -115,7 +141,7 @@ def routing_stats(
             batch.tokens,
             attention_mask=batch.attention_mask,
             stop_at_layer=stop,
-            fwd_hooks=acc.hooks(d, batch.attention_mask.bool()),
+            fwd_hooks=acc.hooks(d, batch.attention_mask.bool(), batch.index),
         )
     return acc.result(list(corpora), model.cfg.top_k)
 
@@ -123,7 +149,7 @@ def routing_stats(
 @shared_failures("top_tokens_per_expert")
 @torch.inference_mode()
 def top_tokens_per_expert(
-    model,
+    model: HookedMoETransformer,
     texts: Sequence[str],
     layer: int,
     top: int = 10,

@@ -4,6 +4,7 @@ from moe_hooked.viz.expert_lens_grid import ExpertLensGrid
 from moe_hooked.viz.figures import (
     coactivation_figure,
     cosine_figure,
+    importance_figure,
     perplexity_figure,
     pruning_figure,
     specialization_figure,
@@ -25,6 +26,7 @@ __all__ = [
     "coactivation_figure",
     "cosine_figure",
     "expert_weight_view",
+    "importance_figure",
     "perplexity_figure",
     "pruning_figure",
     "routing_cache",

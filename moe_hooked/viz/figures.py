@@ -3,9 +3,11 @@
 - :func:`specialization_figure` -- Figure 1: per expert, the fraction of each domain's tokens
   routed to it, with the uniform baseline k/E dashed; one panel per MoE layer.
 - :func:`cosine_figure` -- Figure 3 (left): cos(H^{l,1}, H^{l,k}) per layer, one line per domain.
-- :func:`perplexity_figure` -- Figure 3 (right): normalised log-perplexity against k'.
+- :func:`perplexity_figure` -- Figure 3 (right): the change in log-perplexity against k', with
+  intervals (the paper's min-max normalised variant as an option).
 - :func:`coactivation_figure` -- an [E, E] co-activation matrix as a heatmap.
 - :func:`pruning_figure` -- perplexity against the fraction of least-used experts pruned.
+- :func:`importance_figure` -- causal importance against routing frequency, per layer.
 
 Each returns a `matplotlib.figure.Figure` created without pyplot, so nothing depends on the
 backend (Agg, inline, none) and no global figure state is left behind. Notebooks display it;
@@ -46,12 +48,17 @@ def _panels(n: int, ncols: int, size: tuple[float, float] = PANEL_SIZE) -> tuple
     return fig, axes[:n]
 
 
-def _lines(ax: Axes, frame: pd.DataFrame, x: str, y: str, by: str = "domain") -> None:
+def _lines(
+    ax: Axes, frame: pd.DataFrame, x: str, y: str, by: str = "domain", band: tuple[str, str] | None = None
+) -> None:
     """One line per value of `by` (in order of appearance), points sorted by `x`; whole-number
-    x values get whole-number ticks."""
+    x values get whole-number ticks. `band`: (low, high) columns drawn as a shaded interval."""
     for label, rows in frame.groupby(by, sort=False):
         rows = rows.sort_values(x)
-        ax.plot(rows[x].to_numpy(), rows[y].to_numpy(), marker="o", markersize=3, label=str(label))
+        (line,) = ax.plot(rows[x].to_numpy(), rows[y].to_numpy(), marker="o", markersize=3, label=str(label))
+        if band is not None:
+            ax.fill_between(rows[x].to_numpy(), rows[band[0]].to_numpy(), rows[band[1]].to_numpy(),
+                            color=line.get_color(), alpha=0.2, linewidth=0)
     if pd.api.types.is_integer_dtype(frame[x]):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
@@ -87,25 +94,58 @@ def specialization_figure(
     return fig
 
 
-def cosine_figure(cosine: pd.DataFrame) -> Figure:
-    """Mean cos(H^{l,1}, H^{l,k}) against the layer, one line per domain; one panel per
-    variant ("all_tokens", "last_token"). `cosine`: `topk_cosine(...)`."""
+COSINE_TITLES = {
+    "all_tokens": "cos(H^1, H^k), all tokens",
+    "last_token": "cos(H^1, H^k), last token (paper)",
+    "u_only": "baseline cos(u, H^k): residual alone",
+    "update": "cos(H^1 - u, H^k - u): the updates",
+}
+
+
+def _band(frame: pd.DataFrame) -> tuple[str, str] | None:
+    return ("ci_low", "ci_high") if {"ci_low", "ci_high"} <= set(frame.columns) else None
+
+
+def cosine_figure(cosine: pd.DataFrame, ncols: int = 2) -> Figure:
+    """Mean cosine against the layer, one line per domain (shaded: its bootstrap interval, when
+    the table has `ci_low`, `ci_high`); one panel per variant: the paper's top-1 vs top-k over
+    all tokens and over the last token, and the baselines "u_only" and "update" that say how
+    much of that similarity the residual alone explains. `cosine`: `topk_cosine(...)`."""
     _require(cosine, ["domain", "layer", "variant", "cosine"], "topk_cosine")
     variants = list(cosine["variant"].unique())
-    fig, axes = _panels(len(variants), len(variants))
+    fig, axes = _panels(len(variants), ncols)
     for ax, variant in zip(axes, variants):
-        _lines(ax, cosine[cosine["variant"] == variant], "layer", "cosine")
-        ax.set(title=f"top-1 vs top-k cosine ({variant})", xlabel="layer", ylabel="cosine similarity")
+        _lines(ax, cosine[cosine["variant"] == variant], "layer", "cosine", band=_band(cosine))
+        ax.set(title=COSINE_TITLES.get(variant, variant), xlabel="layer", ylabel="cosine similarity")
     return fig
 
 
-def perplexity_figure(perplexity: pd.DataFrame, value: str = "normalized_log_ppl") -> Figure:
-    """`value` (default the per-domain min-max normalised log-perplexity) against the number
-    of experts kept, k', one line per domain. `perplexity`: `perplexity_vs_top_k(...)`."""
+PERPLEXITY_LABELS = {
+    "delta_log_ppl": "change in log-perplexity vs all top-k experts (nats)",
+    "ppl_ratio": "perplexity ratio to all top-k experts",
+    "normalized_log_ppl": "min-max normalised log-perplexity (the paper's; hides size and direction)",
+    "mean_log_ppl": "log-perplexity (nats)",
+    "ppl": "perplexity",
+}
+
+
+def perplexity_figure(perplexity: pd.DataFrame, value: str = "delta_log_ppl") -> Figure:
+    """`value` against the number of experts kept, k', one line per domain. Default: the change
+    in log-perplexity from the unmodified model, shaded with its bootstrap interval
+    (`ci_low`, `ci_high`); "ppl_ratio" draws exp of both; "normalized_log_ppl" is the
+    paper's per-domain min-max normalisation, labelled as such. `perplexity`:
+    `perplexity_vs_top_k(...)`."""
     _require(perplexity, ["domain", "k", value], "perplexity_vs_top_k")
-    fig, (ax,) = _panels(1, 1)
-    _lines(ax, perplexity, "k", value)
-    ax.set(title="perplexity vs experts kept", xlabel="k' (experts kept per token)", ylabel=value)
+    band = _band(perplexity) if value in ("delta_log_ppl", "ppl_ratio") else None
+    frame = perplexity
+    if band is not None and value == "ppl_ratio":
+        frame = perplexity.assign(ci_low=np.exp(perplexity["ci_low"]), ci_high=np.exp(perplexity["ci_high"]))
+    fig, (ax,) = _panels(1, 1, (6.4, 3.6))
+    _lines(ax, frame, "k", value, band=band)
+    if value in ("delta_log_ppl", "ppl_ratio"):
+        ax.axhline(0.0 if value == "delta_log_ppl" else 1.0, color="black", linewidth=0.8)
+    ax.set(title="perplexity vs experts kept", xlabel="k' (experts kept per token)",
+           ylabel=PERPLEXITY_LABELS.get(value, value))
     return fig
 
 
@@ -116,6 +156,32 @@ def pruning_figure(pruning: pd.DataFrame, value: str = "ppl") -> Figure:
     fig, (ax,) = _panels(1, 1)
     _lines(ax, pruning, "fraction", value)
     ax.set(title="pruning the least-used experts", xlabel="fraction of experts pruned per layer", ylabel=value)
+    return fig
+
+
+def importance_figure(importance: pd.DataFrame, ncols: int = 3) -> Figure:
+    """Causal importance (`delta_nll`, with its bootstrap interval as an error bar) against the
+    routed fraction, one point per (domain, expert), one colour per domain, one panel per
+    layer titled with the Spearman rank correlation of the two. `importance`:
+    `expert_importance(...)`."""
+    from scipy.stats import spearmanr
+
+    _require(importance, ["domain", "layer", "expert", "routed_fraction", "delta_nll"], "expert_importance")
+    layers = list(importance["layer"].unique())
+    fig, axes = _panels(len(layers), ncols, (4.2, 3.4))
+    for ax, layer in zip(axes, layers):
+        at_layer = importance[importance["layer"] == layer]
+        for domain, rows in at_layer.groupby("domain", sort=False):
+            error = None
+            if _band(rows) is not None:
+                error = np.abs(rows[["ci_low", "ci_high"]].to_numpy().T - rows["delta_nll"].to_numpy())
+            ax.errorbar(rows["routed_fraction"], rows["delta_nll"], yerr=error, fmt="o", markersize=3,
+                        elinewidth=0.6, label=str(domain))
+        rho = spearmanr(at_layer["routed_fraction"], at_layer["delta_nll"]).statistic
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set(title=f"layer {layer}: Spearman rho = {rho:.2f}", xlabel="fraction of tokens routed",
+               ylabel="loss increase when removed (nats)")
+        ax.legend(fontsize="x-small")
     return fig
 
 

@@ -19,7 +19,6 @@ saved notebooks and in the report. ``offline=False`` keeps circuitsvis's behavio
 from __future__ import annotations
 
 import html
-import re
 from pathlib import Path
 
 import torch
@@ -29,12 +28,12 @@ from circuitsvis.utils.render import RenderedHTML
 from jaxtyping import Float, Int
 
 from moe_hooked._tl import ActivationCache
+from moe_hooked.cache import cached_layers
 from moe_hooked.hook_names import get_act_name
 from moe_hooked.model import HookedMoETransformer
 from moe_hooked.viz.tokens import readable_str_tokens
 
 ROUTING_HOOKS = ("topk_indices", "topk_weights")
-_TOPK_NAME = re.compile(r"blocks\.(\d+)\.mlp\.hook_topk_indices")
 
 
 class CircuitsView:
@@ -83,10 +82,9 @@ def routing_cache(
     return cache, readable_str_tokens(model, model.to_tokens(prompt, prepend_bos=prepend_bos)[0])
 
 
-def cached_moe_layers(cache: ActivationCache) -> list[int]:
+def _routing_layers(cache: ActivationCache) -> list[int]:
     """The MoE layers whose routing (`hook_topk_indices` and `hook_topk_weights`) the cache holds."""
-    layers = sorted(int(m.group(1)) for name in cache.keys() if (m := _TOPK_NAME.fullmatch(name)))
-    layers = [layer for layer in layers if get_act_name("topk_weights", layer) in cache.cache_dict]
+    layers = cached_layers(cache, ROUTING_HOOKS)
     if not layers:
         raise ValueError(
             "the cache holds no routing: run model.run_with_cache(prompt) without a names_filter, or with "
@@ -107,7 +105,7 @@ def routing_weights(cache: ActivationCache, batch: int = 0) -> tuple[Float[torch
     Returns (weights [pos, layer, n_experts], the MoE layer ids along `layer`); `pos` spans the
     row's real tokens when the cache holds an attention mask.
     """
-    layers = cached_moe_layers(cache)
+    layers = _routing_layers(cache)
     per_layer = []
     for layer in layers:
         indices = _real_rows(cache, batch, cache[get_act_name("topk_indices", layer)])  # [pos k]
@@ -119,7 +117,7 @@ def routing_weights(cache: ActivationCache, batch: int = 0) -> tuple[Float[torch
 
 def top1_experts(cache: ActivationCache, batch: int = 0) -> tuple[Int[torch.Tensor, "pos layer"], list[int]]:
     """The top-1 (highest-weight) expert of each token at each cached MoE layer, and the layer ids."""
-    layers = cached_moe_layers(cache)
+    layers = _routing_layers(cache)
     ids = [_real_rows(cache, batch, cache[get_act_name("topk_indices", layer)])[:, 0].cpu() for layer in layers]
     return torch.stack(ids, dim=1), layers
 
@@ -137,7 +135,7 @@ def _routing_inputs(
         raise TypeError(f"expected a HookedMoETransformer or an ActivationCache, got {type(source).__name__}")
     if isinstance(tokens, str):
         raise TypeError("with a cache, pass the prompt's string tokens (model.to_str_tokens(prompt)), not the text")
-    n_pos = _real_rows(source, batch, source[get_act_name("topk_indices", cached_moe_layers(source)[0])]).shape[0]
+    n_pos = _real_rows(source, batch, source[get_act_name("topk_indices", _routing_layers(source)[0])]).shape[0]
     if len(tokens) != n_pos:
         raise ValueError(f"{len(tokens)} string tokens given but the cache has {n_pos} positions")
     return source, _html_tokens(list(tokens)), batch
