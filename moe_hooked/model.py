@@ -12,8 +12,10 @@ from jaxtyping import Float, Int
 from torch import nn
 from transformer_lens import HookedRootModule
 
+from moe_hooked import generation
 from moe_hooked.cache import MoEActivationCache
 from moe_hooked.components import Embed, MoEBlock, MoEHookPoint, RMSNormPre, TransformerBlock, Unembed
+from moe_hooked.components.kv_cache import KVCache
 from moe_hooked.config import MoEConfig
 
 ModelInput = str | Sequence[str] | Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"]
@@ -176,6 +178,7 @@ class HookedMoETransformer(HookedRootModule):
         prepend_bos: bool | None = None,
         loss_per_token: bool = False,
         stop_at_layer: int | None = None,
+        past_kv_cache: KVCache | None = None,
     ):
         """Run the model.
 
@@ -184,12 +187,17 @@ class HookedMoETransformer(HookedRootModule):
         `return_type`: "logits" [batch pos d_vocab], "loss" (mean next-token loss over real
         tokens; [batch pos-1] with `loss_per_token`), "both" (logits, loss) or None.
         `stop_at_layer`: return the residual stream entering that block instead.
+        `past_kv_cache` (see `generate`): the tokens continue the cached ones; the cache
+        receives their keys and values, `attention_mask` covers the new tokens only, and
+        hooks see the new positions only (attention patterns: [batch head new_pos all_pos]).
         """
         tokens, mask = self._as_tokens(input, attention_mask, prepend_bos)
         key_mask = None if mask is None or bool(mask.all()) else mask.bool()
+        if past_kv_cache is not None:
+            past_kv_cache.extend(torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask)
         resid = self.hook_embed(self.embed(tokens)).to(self.W_E.dtype)
-        for block in self.blocks[:stop_at_layer]:
-            resid = block(resid, key_mask)
+        for layer, block in enumerate(self.blocks[:stop_at_layer]):
+            resid = block(resid, key_mask, None if past_kv_cache is None else past_kv_cache[layer])
         if stop_at_layer is not None:
             return resid
         if return_type is None:
@@ -219,6 +227,11 @@ class HookedMoETransformer(HookedRootModule):
         """As TransformerLens: returns (output, cache); the cache is an `ActivationCache`."""
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
         return out, MoEActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    def generate(self, input: ModelInput, max_new_tokens: int = 10, **kwargs):
+        """Sample a continuation, as TransformerLens's `HookedTransformer.generate`: see
+        `moe_hooked.generation.generate` for the arguments."""
+        return generation.generate(self, input, max_new_tokens, **kwargs)
 
     @contextlib.contextmanager
     def all_experts(self) -> Iterator[HookedMoETransformer]:

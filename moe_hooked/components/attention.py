@@ -9,6 +9,7 @@ from jaxtyping import Bool, Float
 from torch import nn
 
 from moe_hooked.components.hook_point import MoEHookPoint
+from moe_hooked.components.kv_cache import LayerKVCache, causal_mask, rotary_positions
 from moe_hooked.components.norms import RMSNorm
 from moe_hooked.components.rotary import RotaryEmbedding, rotate_half
 from moe_hooked.config import MoEConfig
@@ -25,6 +26,10 @@ class Attention(nn.Module):
 
     When neither `hook_attn_scores` nor `hook_pattern` is hooked, the pattern is not
     materialised: PyTorch's fused scaled-dot-product attention computes the same result.
+
+    With a `kv_cache` (incremental decoding) the hooks on q, k, v, rot_q, rot_k and z see the
+    new positions only ([batch new_pos ...]) and `hook_attn_scores` / `hook_pattern` are
+    [batch head_index new_pos all_pos]: the new queries against every cached and new key.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -83,19 +88,29 @@ class Attention(nn.Module):
         self,
         x: Float[torch.Tensor, "batch pos d_model"],
         key_mask: Bool[torch.Tensor, "batch pos"] | None = None,
+        kv_cache: LayerKVCache | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
-        """`key_mask` marks the real (non-padding) tokens; padding keys get no attention."""
+        """`key_mask` marks the real (non-padding) tokens; padding keys get no attention and
+        rotary positions count real tokens only. `kv_cache` holds the earlier positions' keys
+        and values (and the padding mask); it replaces `key_mask`."""
         q = self.hook_q(self._project(x, self.w_q, getattr(self, "b_q", None), getattr(self, "q_norm", None)))
         k = self.hook_k(self._project(x, self.w_k, getattr(self, "b_k", None), getattr(self, "k_norm", None)))
         v = self.hook_v(self._project(x, self.w_v, getattr(self, "b_v", None), None))
-        cos, sin = self.rotary(x.shape[1], x.dtype, x.device)
-        cos, sin = cos[:, None, :], sin[:, None, :]
+        if kv_cache is not None:
+            positions = kv_cache.positions
+        else:
+            positions = None if key_mask is None else rotary_positions(key_mask)
+        cos, sin = self._rotary_tables(positions, x)
         q = self.hook_rot_q(q * cos + rotate_half(q) * sin)
         k = self.hook_rot_k(k * cos + rotate_half(k) * sin)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+            mask = kv_cache.mask
+        else:
+            mask = causal_mask(x.shape[1], x.shape[1], key_mask, x.device)
         n_rep = self.cfg.n_heads // self.cfg.n_key_value_heads
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch head pos d_head]
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        mask = self._mask(x.shape[1], key_mask, x.device)
         if self._pattern_is_hooked():
             z = self._explicit_attention(q, k, v, mask)
         else:
@@ -103,12 +118,15 @@ class Attention(nn.Module):
         z = self.hook_z(z.transpose(1, 2))
         return F.linear(z.flatten(-2), self.w_o)
 
-    @staticmethod
-    def _mask(n_pos: int, key_mask, device) -> Bool[torch.Tensor, "batch 1 query_pos key_pos"]:
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()[None, None]
-        if key_mask is None:
-            return causal
-        return causal & key_mask[:, None, None, :].bool()
+    def _rotary_tables(
+        self, positions: torch.Tensor | None, x: torch.Tensor
+    ) -> tuple[Float[torch.Tensor, "batch pos 1 d_head"], Float[torch.Tensor, "batch pos 1 d_head"]]:
+        """cos/sin at `positions` [batch pos] (None: 0..pos-1), broadcastable over heads."""
+        n_pos = x.shape[1] if positions is None else int(positions.max()) + 1
+        cos, sin = self.rotary(n_pos, x.dtype, x.device)
+        if positions is None:
+            return cos[None, :, None, :], sin[None, :, None, :]
+        return cos[positions][:, :, None, :], sin[positions][:, :, None, :]
 
     def _explicit_attention(self, q, k, v, mask) -> Float[torch.Tensor, "batch head pos d_head"]:
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.cfg.d_head**-0.5)  # in place: no second copy

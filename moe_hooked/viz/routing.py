@@ -73,9 +73,10 @@ def _html_tokens(str_tokens: list[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- routing data
 def routing_cache(
-    model: HookedMoETransformer, prompt: str, prepend_bos: bool | None = None
+    model: HookedMoETransformer, prompt: str | Int[torch.Tensor, " pos"], prepend_bos: bool | None = None
 ) -> tuple[ActivationCache, list[str]]:
-    """Run `prompt` caching only the routing hooks; returns (cache, string tokens)."""
+    """Run `prompt` (a string, or token ids such as `model.generate`'s output row) caching only
+    the routing hooks; returns (cache, string tokens)."""
     names = {get_act_name(hook, layer) for layer in model.cfg.moe_layers for hook in ROUTING_HOOKS}
     _, cache = model.run_with_cache(prompt, return_type=None, prepend_bos=prepend_bos, names_filter=lambda n: n in names)
     return cache, model.to_str_tokens(prompt, prepend_bos=prepend_bos)
@@ -116,12 +117,13 @@ def top1_experts(cache: ActivationCache, batch: int = 0) -> tuple[Int[torch.Tens
 
 
 def _routing_inputs(
-    source: HookedMoETransformer | ActivationCache, tokens: str | list[str], batch: int
+    source: HookedMoETransformer | ActivationCache, tokens: str | list[str] | torch.Tensor, batch: int
 ) -> tuple[ActivationCache, list[str], int]:
-    """(cache, string tokens, batch index) from a model and a prompt, or a cache and its string tokens."""
+    """(cache, string tokens, batch index) from a model and a prompt (text or token ids), or a
+    cache and its string tokens."""
     if isinstance(source, HookedMoETransformer):
-        if not isinstance(tokens, str):
-            raise TypeError("with a model, pass the prompt as a string")
+        if not isinstance(tokens, str) and not (isinstance(tokens, torch.Tensor) and tokens.squeeze(0).ndim == 1):
+            raise TypeError("with a model, pass the prompt as a string or one row of token ids")
         cache, str_tokens = routing_cache(source, tokens)
         return cache, _html_tokens(str_tokens), 0
     if not isinstance(source, ActivationCache):
@@ -137,7 +139,7 @@ def _routing_inputs(
 # --------------------------------------------------------------------------- views
 def expert_weight_view(
     source: HookedMoETransformer | ActivationCache,
-    tokens: str | list[str],
+    tokens: str | list[str] | torch.Tensor,
     layer: int,
     expert: int,
     batch: int = 0,
@@ -145,7 +147,8 @@ def expert_weight_view(
 ) -> CircuitsView:
     """Tokens coloured by the routing weight of `expert` at MoE layer `layer` (0 = not selected).
 
-    `source`/`tokens`: a model and a prompt, or a cache and the prompt's string tokens.
+    `source`/`tokens`: a model and a prompt (text or token ids, e.g. a row of `model.generate`'s
+    output), or a cache and the prompt's string tokens.
     """
     cache, str_tokens, batch = _routing_inputs(source, tokens, batch)
     cfg = cache.model.cfg
@@ -160,7 +163,7 @@ def expert_weight_view(
 
 
 def top1_expert_view(
-    source: HookedMoETransformer | ActivationCache, tokens: str | list[str], batch: int = 0, offline: bool = True
+    source: HookedMoETransformer | ActivationCache, tokens: str | list[str] | torch.Tensor, batch: int = 0, offline: bool = True
 ) -> CircuitsView:
     """Tokens coloured by their top-1 expert id, one colouring per MoE layer."""
     cache, str_tokens, batch = _routing_inputs(source, tokens, batch)
@@ -170,7 +173,7 @@ def top1_expert_view(
 
 
 def routing_view(
-    source: HookedMoETransformer | ActivationCache, tokens: str | list[str], batch: int = 0, offline: bool = True
+    source: HookedMoETransformer | ActivationCache, tokens: str | list[str] | torch.Tensor, batch: int = 0, offline: bool = True
 ) -> CircuitsView:
     """Every expert's routing weight on every token: pick a layer and an expert to colour by."""
     cache, str_tokens, batch = _routing_inputs(source, tokens, batch)
