@@ -71,6 +71,11 @@ class HookedMoETransformer(HookedRootModule):
         logits without materialising it."""
         return self.unembed.W_U
 
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
+        """The sum of the output biases of the attention (and MLP) layers before `layer`, as
+        TransformerLens computes it; zero [d_model]: no supported family has output biases."""
+        return torch.zeros(self.cfg.d_model, dtype=self.W_E.dtype, device=self.W_E.device)
+
     @property
     def moe_blocks(self) -> dict[int, MoEBlock]:
         """The MoE blocks by layer index."""
