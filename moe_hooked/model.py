@@ -17,13 +17,16 @@ from moe_hooked.cache import MoEActivationCache
 from moe_hooked.components import Embed, MoEBlock, MoEHookPoint, RMSNormPre, TransformerBlock, Unembed
 from moe_hooked.components.kv_cache import KVCache
 from moe_hooked.config import MoEConfig
+from moe_hooked.weights import TransformerLensWeights
 
 ModelInput = str | Sequence[str] | Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"]
 ReturnType = Literal["logits", "loss", "both"] | None
 
 
-class HookedMoETransformer(HookedRootModule):
+class HookedMoETransformer(TransformerLensWeights, HookedRootModule):
     """A decoder-only MoE language model whose every internal step is a hook point.
+
+    TransformerLens's weight API (`W_Q` ... `b_O`, `QK`, `OV`) is documented in `moe_hooked.weights`.
 
     Build it with `from_pretrained` (a hub id, a local checkpoint folder, or
     "moe-hooked/demo"); see `docs/design.md` for the hook names and shapes.
@@ -51,7 +54,8 @@ class HookedMoETransformer(HookedRootModule):
     ) -> HookedMoETransformer:
         """Load a checkpoint in Hugging Face format (config.json + safetensors).
 
-        `dtype=None` keeps the checkpoint's own dtype; `router_dtype` overrides where
+        `dtype=None` keeps the checkpoint's own dtype; `device=None` picks CUDA when available
+        (as TransformerLens does), else the CPU; an explicit `device` always wins; `router_dtype` overrides where
         the router softmax runs ("float32" or "model"; default: as the architecture does).
         """
         from moe_hooked.loading import load_pretrained
@@ -141,13 +145,16 @@ class HookedMoETransformer(HookedRootModule):
             return [self.to_string(row) for row in tokens]
         return self._require_tokenizer().decode(tokens.tolist())
 
-    def to_str_tokens(self, input: str | Int[torch.Tensor, "..."] | Sequence[int], prepend_bos: bool | None = None) -> list[str]:
-        """One decoded string per token, for a string or a 1-D sequence of ids."""
+    def to_str_tokens(
+        self, input: str | Sequence[str] | Int[torch.Tensor, "..."] | Sequence[int], prepend_bos: bool | None = None
+    ) -> list[str] | list[list[str]]:
+        """One decoded string per token, for a string or a 1-D sequence of ids; a list of
+        strings (or a 2-D batch of ids) gives one such list per sequence."""
+        if isinstance(input, Sequence) and not isinstance(input, str) and input and isinstance(input[0], str):
+            return [self.to_str_tokens(text, prepend_bos) for text in input]
         tokens = self.to_tokens(input, prepend_bos)[0] if isinstance(input, str) else torch.as_tensor(input)
         if tokens.ndim == 2:
-            if tokens.shape[0] != 1:
-                raise ValueError("to_str_tokens takes a single sequence; index the batch first")
-            tokens = tokens[0]
+            return [self.to_str_tokens(row) for row in tokens] if tokens.shape[0] > 1 else self.to_str_tokens(tokens[0])
         tokenizer = self._require_tokenizer()
         return [tokenizer.decode([t]) for t in tokens.tolist()]
 
@@ -156,6 +163,34 @@ class HookedMoETransformer(HookedRootModule):
         if tokens.numel() != 1:
             raise ValueError(f"'{string}' is {tokens.numel()} tokens, not one")
         return int(tokens.item())
+
+    def to_single_str_token(self, token: int) -> str:
+        """The string of one token id."""
+        if not 0 <= int(token) < self.cfg.d_vocab:
+            raise ValueError(f"token id {token} is out of range: the vocabulary has ids 0..{self.cfg.d_vocab - 1}")
+        return self.to_str_tokens([int(token)])[0]
+
+    def get_token_position(
+        self,
+        single_token: str | int,
+        input: str | Int[torch.Tensor, " pos"] | Int[torch.Tensor, "1 pos"],
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+    ) -> int:
+        """Position of `single_token` (a one-token string or an id) in `input` (text, tokenised
+        with `prepend_bos`, or token ids): its first or last occurrence."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got '{mode}'")
+        tokens = self.to_tokens(input, prepend_bos) if isinstance(input, str) else torch.as_tensor(input)
+        if tokens.ndim == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError("get_token_position takes a single sequence; index the batch first")
+            tokens = tokens[0]
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        found = (tokens == token).nonzero().squeeze(1)
+        if found.numel() == 0:
+            raise ValueError(f"token {single_token!r} (id {token}) does not occur in the input")
+        return int(found[0] if mode == "first" else found[-1])
 
     def _as_tokens(
         self, input: ModelInput, attention_mask: torch.Tensor | None, prepend_bos: bool | None

@@ -31,6 +31,21 @@ class Experts(nn.Module):
         self.W_up = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert, cfg.d_model))
         self.W_down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_expert))
 
+    @property
+    def W_in(self) -> Float[torch.Tensor, "n_experts d_model d_expert"]:
+        """TransformerLens layout of `W_up` (a view)."""
+        return self.W_up.transpose(-2, -1)
+
+    @property
+    def W_gate_in(self) -> Float[torch.Tensor, "n_experts d_model d_expert"]:
+        """TransformerLens layout of `W_gate` (a view; `W_gate` itself is the hub layout)."""
+        return self.W_gate.transpose(-2, -1)
+
+    @property
+    def W_out(self) -> Float[torch.Tensor, "n_experts d_expert d_model"]:
+        """TransformerLens layout of `W_down` (a view)."""
+        return self.W_down.transpose(-2, -1)
+
     def expert(self, e: int, x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_model"]:
         """Expert `e` applied to the rows of `x`: its three stages composed."""
         return self.down(e, self.activate(*self.hidden(e, x)))
