@@ -10,9 +10,10 @@ With `use_past_kv_cache=True` (the default) the first step runs the prompt and e
 step runs only the one new token, reading the earlier keys and values from a `KVCache`;
 the tokens are the same as without the cache. During such a cached step, hooks see
 `pos` = the new tokens only (1 after the prompt): activations are [batch 1 ...] and
-attention scores/patterns [batch head 1 all_pos]. A hook that edits fixed positions
-therefore acts on the prompt step only; for such hooks use `use_past_kv_cache=False`
-(every step reruns the whole sequence, so positions keep their meaning).
+attention scores/patterns [batch head 1 all_pos]. Position-targeted hooks (e.g.
+`ablate_experts(..., positions=[5])`) index the current forward pass, so for them use
+`use_past_kv_cache=False`: every step reruns the whole sequence and positions keep their
+meaning (with the cache, position 5 would not exist in the one-token steps).
 
 A list of prompts of different lengths is padded on the left; padding gets no attention and
 rotary positions count real tokens only, so each row generates what it would alone.
