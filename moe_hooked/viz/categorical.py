@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import colorsys
 import html
-from pathlib import Path
-
 import torch
 from jaxtyping import Int
+
+from moe_hooked.viz.html_page import HtmlPage
 
 TAB20 = (
     "#1f77b4 #aec7e8 #ff7f0e #ffbb78 #2ca02c #98df8a #d62728 #ff9896 #9467bd #c5b0d5 "
@@ -41,7 +41,7 @@ def _text_colour(background: str) -> str:
     return "#111" if 0.299 * r + 0.587 * g + 0.114 * b > 150 else "#fff"
 
 
-class CategoricalTokensView:
+class CategoricalTokensView(HtmlPage):
     """`str_tokens` shown once per row, each token coloured by its category in that row.
 
     Args:
@@ -87,22 +87,10 @@ class CategoricalTokensView:
         items = "".join(self._token(f"{self.category_name} {c}", c) for c in shown)
         return f'<div class="legend">{items}</div>'
 
-    def fragment(self) -> str:
+    def page_body(self) -> str:
         """The view as an HTML fragment (what a notebook displays)."""
         rows = "".join(self._row(label, i) for i, label in enumerate(self.row_labels))
         return f'<div class="moe-cat"><style>{STYLE}</style>{rows}{self._legend()}</div>'
 
     def _repr_html_(self) -> str:
-        return self.fragment()
-
-    def to_html(self) -> str:
-        """A complete HTML document."""
-        return (
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
-            f"</head>\n<body>\n{self.fragment()}\n</body></html>\n"
-        )
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_html(), encoding="utf-8")
-        return path
+        return self.page_body()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import html
 import re
 import sys
-from pathlib import Path
 
 import torch
 from circuitsvis.activations import text_neuron_activations
@@ -35,12 +34,13 @@ from transformer_lens import ActivationCache
 from moe_hooked.hook_names import get_act_name
 from moe_hooked.model import HookedMoETransformer
 from moe_hooked.viz.categorical import CategoricalTokensView
+from moe_hooked.viz.html_page import HtmlPage
 
 ROUTING_HOOKS = ("topk_indices", "topk_weights")
 _TOPK_NAME = re.compile(r"blocks\.(\d+)\.mlp\.hook_topk_indices")
 
 
-class CircuitsView:
+class CircuitsView(HtmlPage):
     """A circuitsvis visualization that can render with no network access.
 
     In a notebook it displays itself (`_repr_html_`); `save(path)` writes a standalone HTML
@@ -63,17 +63,9 @@ class CircuitsView:
         CircuitsView.bundle_shown = True
         return _share_bundle(self.rendered.local_src)
 
-    def to_html(self) -> str:
-        """A complete HTML document that embeds the bundle (no external requests)."""
-        return (
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{html.escape(self.title)}</title></head>\n<body>\n{self.rendered.local_src}\n</body></html>\n"
-        )
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_html(), encoding="utf-8")
-        return path
+    def page_body(self) -> str:
+        """The view with the bundle embedded (what `to_html` and `save` write)."""
+        return self.rendered.local_src
 
 
 _RENDER_CALL = "CircuitsVis.render("
