@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from moe_hooked import attribution
 from moe_hooked._tl import ActivationCache
 from moe_hooked.hook_names import MOE_HOOKS, HookNameError, get_act_name, unknown_hook_error
 
@@ -99,7 +100,7 @@ class MoEActivationCache(ActivationCache):
         are stacked [n_moe_layers ...], with a warning naming them when dense layers are skipped."""
         if activation_name not in MOE_HOOKS:
             return super().stack_activation(activation_name, layer, sublayer_type)
-        top = self.model.cfg.n_layers if layer == -1 else layer
+        top = self.model.cfg.n_layers if layer is None or layer == -1 else layer
         layers = [moe_layer for moe_layer in self.model.cfg.moe_layers if moe_layer < top]
         if len(layers) < top:
             warnings.warn(
@@ -116,3 +117,23 @@ class MoEActivationCache(ActivationCache):
     def layers_with(self, names: Sequence[str]) -> list[int]:
         """`cached_layers(self, names)`: the layers at which every hook of `names` is cached."""
         return cached_layers(self, names)
+
+    # ------------------------------------------------------------------ per expert (see attribution.py)
+    def expert_output(self, layer: int, expert: int, weighted: bool = False) -> torch.Tensor:
+        """Expert `expert`'s output [batch pos d_model] at MoE layer `layer`, by expert id
+        (zero where not selected); `weighted`: times its routing weight."""
+        return attribution.expert_output(self, layer, expert, weighted)
+
+    def expert_selected(self, layer: int, expert: int) -> torch.Tensor:
+        """[batch pos] True where MoE layer `layer` routed the token to `expert`."""
+        return attribution.expert_selected(self, layer, expert)
+
+    def decompose_resid_by_expert(self, layer: int | None = None, pos_slice=None, apply_ln: bool = False, return_labels: bool = False):
+        """The residual stream as embed, attention, dense MLPs, each routed expert and the shared
+        expert per layer: see `moe_hooked.attribution.decompose_resid_by_expert`."""
+        return attribution.decompose_resid_by_expert(self, layer, pos_slice, apply_ln, return_labels)
+
+    def stack_neuron_results(self, layer: int, pos_slice=None, neuron_slice=None, return_labels: bool = False, **kwargs):
+        """TransformerLens's `stack_neuron_results` for dense and MoE blocks (routed and shared
+        expert neurons): see `moe_hooked.attribution.stack_neuron_results`."""
+        return attribution.stack_neuron_results(self, layer, pos_slice, neuron_slice, return_labels, **kwargs)

@@ -7,6 +7,9 @@ against it, and returns a list of `(hook_name, hook_fn)` pairs, usable as::
     with model.hooks(fwd_hooks=keep_top_k(model, 1) + route_to(model, 5, [0, 7])):
         logits, cache = model.run_with_cache(tokens)   # the cache sees the edited run
 
+`ablate_experts`, `keep_top_k`, `route_to` and `patch_expert_outputs` take `positions=` (an int,
+a list of ints or a boolean mask [pos] / [batch pos]) to act at those positions only.
+
 Lists concatenate, so interventions compose with each other and with any other hook; hooks
 on one hook point run in list order. Some interventions need the routing of the current
 token in a later hook of the same layer (e.g. which expert sits in each slot when editing
@@ -57,10 +60,15 @@ if TYPE_CHECKING:
 HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]
 FwdHooks = list[tuple[str, HookFn]]
 AblationMode = Literal["zero", "reroute", "mean"]
+Positions = int | Sequence[int] | Bool[torch.Tensor, " pos"] | Bool[torch.Tensor, "batch pos"] | None
+"""Where an intervention acts: a position, a list of positions (negative ids count from the
+end), a boolean mask [pos] or [batch pos], or None for every position. Positions index the
+current forward pass: during cached generation that is the new token(s) only."""
 PATCHABLE = ("expert_out", "routed_out", "shared_out")
 
 __all__ = [
     "FwdHooks",
+    "Positions",
     "ablate_experts",
     "expert_output_means",
     "keep_top_k",
@@ -103,6 +111,49 @@ def _expert_spec(cfg: MoEConfig, experts: Mapping[int, int | Iterable[int]]) -> 
     return {layer: ids for layer, ids in spec.items() if ids}
 
 
+def _check_positions(positions: Positions) -> Positions:
+    """`positions` if its type is valid (the range is checked against each run)."""
+    if positions is None or isinstance(positions, int):
+        return positions
+    if isinstance(positions, torch.Tensor):
+        if positions.dtype != torch.bool and positions.ndim != 1:
+            raise ValueError(f"positions as a tensor must be a boolean mask or a 1-D tensor of ids, got {positions.dtype}")
+        return positions if positions.dtype == torch.bool else [int(p) for p in positions]
+    ids = list(positions)
+    if not ids or not all(isinstance(p, int) for p in ids):
+        raise ValueError(f"positions must be an int, a non-empty list of ints or a boolean mask, got {positions!r}")
+    return ids
+
+
+def _position_mask(positions: Positions, batch_pos: torch.Size, device: torch.device) -> Bool[torch.Tensor, "batch pos"]:
+    """[batch pos] True where the intervention acts, or a ValueError naming the valid range."""
+    n_pos = batch_pos[1]
+    if isinstance(positions, torch.Tensor):
+        if positions.shape not in (batch_pos[1:], batch_pos):
+            raise ValueError(
+                f"the positions mask has shape {tuple(positions.shape)}, but this run is [batch pos] = "
+                f"{tuple(batch_pos)}: give a mask [pos] or [batch pos]"
+            )
+        return positions.to(device).expand(batch_pos)
+    where = torch.zeros(batch_pos, dtype=torch.bool, device=device)
+    if positions is None:
+        return where.fill_(True)
+    ids = [positions] if isinstance(positions, int) else positions
+    bad = [p for p in ids if not -n_pos <= p < n_pos]
+    if bad:
+        raise ValueError(f"positions {bad} are out of range: this run has {n_pos} positions (valid: {-n_pos}..{n_pos - 1})")
+    where[:, ids] = True
+    return where
+
+
+def _only_at(positions: Positions, edited: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """`edited` at `positions`, `original` elsewhere (both [batch pos ...])."""
+    if positions is None:
+        return edited
+    where = _position_mask(positions, original.shape[:2], original.device)
+    return torch.where(where.reshape(*where.shape, *[1] * (original.ndim - 2)), edited, original)
+
+
 class _Latest:
     """Records the last tensor seen at a hook point, for a later hook of the same forward pass."""
 
@@ -119,8 +170,10 @@ def ablate_experts(
     experts: Mapping[int, int | Iterable[int]],
     mode: AblationMode = "zero",
     mean_from=None,
+    positions: Positions = None,
 ) -> FwdHooks:
-    """Hooks that ablate routed experts, `experts` = `{layer: [expert ids]}`.
+    """Hooks that ablate routed experts, `experts` = `{layer: [expert ids]}`, at `positions`
+    (an int, a list of ints or a boolean mask [pos] / [batch pos]; None: everywhere).
 
     - "zero": in every slot holding an ablated expert the weight (`hook_topk_weights`) is set
       to 0, so the expert's contribution is removed and it is not computed; the other selected
@@ -141,27 +194,28 @@ def ablate_experts(
     """
     cfg = _cfg(model)
     spec = _expert_spec(cfg, experts)
+    positions = _check_positions(positions)
     if mode == "zero":
-        return [hook for layer, ids in spec.items() for hook in _zero_hooks(layer, ids)]
+        return [hook for layer, ids in spec.items() for hook in _zero_hooks(layer, ids, positions)]
     if mode == "reroute":
-        return [hook for layer, ids in spec.items() for hook in _reroute_hooks(cfg, layer, ids)]
+        return [hook for layer, ids in spec.items() for hook in _reroute_hooks(cfg, layer, ids, positions)]
     if mode == "mean":
         means = _means_for(cfg, spec, mean_from)
-        return [hook for layer, ids in spec.items() for hook in _mean_hooks(layer, ids, means[layer])]
+        return [hook for layer, ids in spec.items() for hook in _mean_hooks(layer, ids, means[layer], positions)]
     raise ValueError(f"unknown ablation mode '{mode}': use 'zero', 'reroute' or 'mean'")
 
 
-def _zero_hooks(layer: int, ids: list[int]) -> FwdHooks:
+def _zero_hooks(layer: int, ids: list[int], positions: Positions) -> FwdHooks:
     routing = _Latest()
 
     def zero_weights(weights: Float[torch.Tensor, "batch pos k"], hook: HookPoint) -> torch.Tensor:
         ablated = torch.isin(routing.value, torch.tensor(ids, device=weights.device))
-        return weights.masked_fill(ablated, 0)
+        return _only_at(positions, weights.masked_fill(ablated, 0), weights)
 
     return [(get_act_name("topk_indices", layer), routing.record), (get_act_name("topk_weights", layer), zero_weights)]
 
 
-def _reroute_hooks(cfg: MoEConfig, layer: int, ids: list[int]) -> FwdHooks:
+def _reroute_hooks(cfg: MoEConfig, layer: int, ids: list[int], positions: Positions) -> FwdHooks:
     if cfg.n_experts - len(ids) < cfg.top_k:
         raise ValueError(
             f"rerouting {len(ids)} of the {cfg.n_experts} experts of layer {layer} leaves fewer than "
@@ -169,18 +223,21 @@ def _reroute_hooks(cfg: MoEConfig, layer: int, ids: list[int]) -> FwdHooks:
         )
 
     def mask_logits(logits: Float[torch.Tensor, "batch pos n_experts"], hook: HookPoint) -> torch.Tensor:
-        return logits.index_fill(-1, torch.tensor(ids, device=logits.device), float("-inf"))
+        masked = logits.index_fill(-1, torch.tensor(ids, device=logits.device), float("-inf"))
+        return _only_at(positions, masked, logits)
 
     return [(get_act_name("router_logits", layer), mask_logits)]
 
 
-def _mean_hooks(layer: int, ids: list[int], means: Float[torch.Tensor, "n_experts d_model"]) -> FwdHooks:
+def _mean_hooks(
+    layer: int, ids: list[int], means: Float[torch.Tensor, "n_experts d_model"], positions: Positions
+) -> FwdHooks:
     routing = _Latest()
 
     def replace_outputs(expert_out: Float[torch.Tensor, "batch pos k d_model"], hook: HookPoint) -> torch.Tensor:
         indices = routing.value
         ablated = torch.isin(indices, torch.tensor(ids, device=indices.device))
-        return torch.where(ablated[..., None], means.to(expert_out)[indices], expert_out)
+        return _only_at(positions, torch.where(ablated[..., None], means.to(expert_out)[indices], expert_out), expert_out)
 
     return [(get_act_name("topk_indices", layer), routing.record), (get_act_name("expert_out", layer), replace_outputs)]
 
@@ -317,19 +374,26 @@ def _reference_batches(model, tokens_or_texts, batch_size: int, max_length: int 
 
 # ----------------------------------------------------------------------------- top-k and routing
 def keep_top_k(
-    model: HookedMoETransformer | MoEConfig, k: int, layers: int | Iterable[int] | None = None, renormalize: bool = False
+    model: HookedMoETransformer | MoEConfig,
+    k: int,
+    layers: int | Iterable[int] | None = None,
+    renormalize: bool = False,
+    positions: Positions = None,
 ) -> FwdHooks:
-    """Hooks that keep slots 0..k-1 of every token (the router emits slots by decreasing weight, so
-    these are its k highest-weighted experts, unless an earlier hook reordered them).
+    """Hooks that keep slots 0..k-1 of every token (at `positions`: an int, a list or a boolean
+    mask; None: every position). The router emits slots by decreasing weight, so these are its k
+    highest-weighted experts, unless an earlier hook reordered them.
 
     The kept slots keep the weights the model computed and the other slots get weight 0 (so
     their experts are not computed). This is the paper's top-1..top-k experiment; for models
     without `norm_topk_prob` it equals running the original model with k experts per token.
     `renormalize=True` scales the kept weights so that they sum to the original sum of all
     top_k weights. `k` = the model's top_k changes nothing. `layers`: MoE layers (default all).
+    `positions`: where to act (an int, a list or a boolean mask; None: everywhere).
     """
     cfg = _cfg(model)
     cfg.check_top_k(k)
+    positions = _check_positions(positions)
 
     def keep(weights: Float[torch.Tensor, "batch pos k"], hook: HookPoint) -> torch.Tensor:
         kept = weights[..., :k]
@@ -337,13 +401,16 @@ def keep_top_k(
             kept_sum = kept.sum(-1, keepdim=True)
             scale = torch.where(kept_sum != 0, weights.sum(-1, keepdim=True) / kept_sum, 0)
             kept = kept * scale
-        return torch.cat([kept, torch.zeros_like(weights[..., k:])], dim=-1)
+        return _only_at(positions, torch.cat([kept, torch.zeros_like(weights[..., k:])], dim=-1), weights)
 
     return [(get_act_name("topk_weights", layer), keep) for layer in cfg.resolve_moe_layers(layers)]
 
 
-def route_to(model: HookedMoETransformer | MoEConfig, layer: int, experts: int | Iterable[int]) -> FwdHooks:
-    """Hooks that send every token of MoE `layer` to exactly the given experts.
+def route_to(
+    model: HookedMoETransformer | MoEConfig, layer: int, experts: int | Iterable[int], positions: Positions = None
+) -> FwdHooks:
+    """Hooks that send every token of MoE `layer` (at `positions`: an int, a list or a boolean
+    mask; None: every position) to exactly the given experts.
 
     With m = len(experts) <= top_k, slots 0..m-1 hold the given experts in the given order,
     weighted by the router's softmax restricted to them: softmax(logits[experts]) in float32,
@@ -354,6 +421,7 @@ def route_to(model: HookedMoETransformer | MoEConfig, layer: int, experts: int |
     cfg = _cfg(model)
     cfg.check_moe_layer(layer)
     ids = _expert_ids(cfg, experts)
+    positions = _check_positions(positions)
     if not 1 <= len(ids) <= cfg.top_k:
         raise ValueError(f"route_to takes 1..{cfg.top_k} experts (the model's top-k), got {len(ids)}")
     logits = _Latest()
@@ -361,11 +429,13 @@ def route_to(model: HookedMoETransformer | MoEConfig, layer: int, experts: int |
     def force_indices(indices: Int[torch.Tensor, "batch pos k"], hook: HookPoint) -> torch.Tensor:
         forced = torch.tensor(ids, device=indices.device)
         others = logits.value.index_fill(-1, forced, float("-inf")).topk(cfg.top_k - len(ids), dim=-1).indices
-        return torch.cat([forced.expand(*indices.shape[:-1], len(ids)), others], dim=-1).to(indices.dtype)
+        routed = torch.cat([forced.expand(*indices.shape[:-1], len(ids)), others], dim=-1).to(indices.dtype)
+        return _only_at(positions, routed, indices)
 
     def force_weights(weights: Float[torch.Tensor, "batch pos k"], hook: HookPoint) -> torch.Tensor:
         restricted = F.softmax(logits.value[..., ids], dim=-1, dtype=torch.float32).to(weights.dtype)
-        return torch.cat([restricted, torch.zeros_like(weights[..., len(ids) :])], dim=-1)
+        routed = torch.cat([restricted, torch.zeros_like(weights[..., len(ids) :])], dim=-1)
+        return _only_at(positions, routed, weights)
 
     return [
         (get_act_name("router_logits", layer), logits.record),
@@ -380,7 +450,7 @@ def patch_expert_outputs(
     source_cache: ActivationCache,
     layers: int | Iterable[int] | None,
     slots: int | Sequence[int] | None = None,
-    positions: int | Sequence[int] | None = None,
+    positions: Positions = None,
     hooks: Sequence[str] = ("expert_out",),
     match: Literal["slot", "expert"] = "slot",
 ) -> FwdHooks:
@@ -404,6 +474,7 @@ def patch_expert_outputs(
     layers = cfg.resolve_moe_layers(layers)
     names = _patch_names(cfg, hooks, slots, match)
     slots = _slot_ids(cfg, slots)
+    positions = _check_positions(positions)
     result = []
     for layer in layers:
         clean = dict(zip(names, cached_activations(source_cache, layer, names, "patch_expert_outputs")))
@@ -460,8 +531,9 @@ def _patch_hooks(layer: int, name: str, clean: dict, positions, slots: list[int]
                 f"cannot patch {hook.name}: the source has shape {tuple(source.shape)} but this run's is "
                 f"{tuple(act.shape)}: run on inputs with the source's batch and pos sizes"
             )
-        where = torch.zeros(act.shape[:-1], dtype=torch.bool, device=act.device)
-        where[:, slice(None) if positions is None else positions] = True
+        where = _position_mask(positions, act.shape[:2], act.device)
+        if act.ndim == 4:
+            where = where[..., None].expand(act.shape[:-1]).clone()
         if slots is not None:
             where[..., [s for s in range(act.shape[2]) if s not in slots]] = False
         if match == "expert" and name == "expert_out":

@@ -12,13 +12,16 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
+from moe_hooked import generation
 from moe_hooked._tl import HookedRootModule
 from moe_hooked.cache import MoEActivationCache
 from moe_hooked.components import Embed, MoEBlock, MoEHookPoint, RMSNormPre, TransformerBlock, Unembed
 from moe_hooked.components.expert_store import ExpertStore, offload_experts, parse_memory_budget
+from moe_hooked.components.kv_cache import KVCache
 from moe_hooked.config import MoEConfig
 from moe_hooked.hook_names import HookPointNames
 from moe_hooked.sae import splice as sae_splice
+from moe_hooked.weights import TransformerLensWeights
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -27,8 +30,10 @@ ModelInput = str | Sequence[str] | Sequence[int] | Int[torch.Tensor, "batch pos"
 ReturnType = Literal["logits", "loss", "both"] | None
 
 
-class HookedMoETransformer(HookedRootModule):
+class HookedMoETransformer(TransformerLensWeights, HookedRootModule):
     """A decoder-only MoE language model whose every internal step is a hook point.
+
+    TransformerLens's weight API (`W_Q` ... `b_O`, `QK`, `OV`) is documented in `moe_hooked.weights`.
 
     Build it with `from_pretrained` (a hub id, a local checkpoint folder, or
     "moe-hooked/demo"); see `docs/design.md` for the hook names and shapes.
@@ -66,9 +71,10 @@ class HookedMoETransformer(HookedRootModule):
     ) -> HookedMoETransformer:
         """Load a checkpoint in Hugging Face format (config.json + safetensors).
 
-        `dtype=None` keeps the checkpoint's own dtype; `router_dtype` overrides where
-        the router softmax runs ("float32" or "model"; default: as the architecture does);
-        `check_finite=True` refuses a checkpoint with NaN/Inf weights, listing all of them.
+        `dtype=None` keeps the checkpoint's own dtype; `device=None` picks CUDA when available
+        (as TransformerLens does), else the CPU; an explicit `device` always wins; `router_dtype`
+        overrides where the router softmax runs ("float32" or "model"; default: as the architecture
+        does); `check_finite=True` refuses a checkpoint with NaN/Inf weights, listing all of them.
         `expert_memory` (bytes, or a size such as "2GiB", "512MiB", "1.5GB"): keep the routed
         experts in the checkpoint files and at most this many bytes of them on `device`,
         read on demand (see `expert_memory_stats`); None loads everything into memory.
@@ -106,6 +112,11 @@ class HookedMoETransformer(HookedRootModule):
         Computed on access ([d_model d_vocab]); `model.unembed(ln_final(x))` gives the
         logits without materialising it."""
         return self.unembed.W_U
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
+        """The sum of the output biases of the attention (and MLP) layers before `layer`, as
+        TransformerLens computes it; zero [d_model]: no supported family has output biases."""
+        return torch.zeros(self.cfg.d_model, dtype=self.W_E.dtype, device=self.W_E.device)
 
     @property
     def moe_blocks(self) -> dict[int, MoEBlock]:
@@ -191,13 +202,16 @@ class HookedMoETransformer(HookedRootModule):
             raise ValueError(f"token ids {outside[:10]} lie outside the tokenizer's vocabulary [0, {size}): they decode to nothing")
         return ids
 
-    def to_str_tokens(self, input: str | Int[torch.Tensor, "..."] | Sequence[int], prepend_bos: bool | None = None) -> list[str]:
-        """One decoded string per token, for a string or a 1-D sequence of ids."""
+    def to_str_tokens(
+        self, input: str | Sequence[str] | Int[torch.Tensor, "..."] | Sequence[int], prepend_bos: bool | None = None
+    ) -> list[str] | list[list[str]]:
+        """One decoded string per token, for a string or a 1-D sequence of ids; a list of
+        strings (or a 2-D batch of ids) gives one such list per sequence."""
+        if isinstance(input, Sequence) and not isinstance(input, str) and input and isinstance(input[0], str):
+            return [self.to_str_tokens(text, prepend_bos) for text in input]
         tokens = self.to_tokens(input, prepend_bos)[0] if isinstance(input, str) else torch.as_tensor(input)
         if tokens.ndim == 2:
-            if tokens.shape[0] != 1:
-                raise ValueError("to_str_tokens takes a single sequence; index the batch first")
-            tokens = tokens[0]
+            return [self.to_str_tokens(row) for row in tokens] if tokens.shape[0] > 1 else self.to_str_tokens(tokens[0])
         tokenizer = self._require_tokenizer()
         return [tokenizer.decode([t]) for t in self._decodable(tokens)]
 
@@ -206,6 +220,34 @@ class HookedMoETransformer(HookedRootModule):
         if tokens.numel() != 1:
             raise ValueError(f"'{string}' is {tokens.numel()} tokens, not one")
         return int(tokens.item())
+
+    def to_single_str_token(self, token: int) -> str:
+        """The string of one token id."""
+        if not 0 <= int(token) < self.cfg.d_vocab:
+            raise ValueError(f"token id {token} is out of range: the vocabulary has ids 0..{self.cfg.d_vocab - 1}")
+        return self.to_str_tokens([int(token)])[0]
+
+    def get_token_position(
+        self,
+        single_token: str | int,
+        input: str | Int[torch.Tensor, " pos"] | Int[torch.Tensor, "1 pos"],
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+    ) -> int:
+        """Position of `single_token` (a one-token string or an id) in `input` (text, tokenised
+        with `prepend_bos`, or token ids): its first or last occurrence."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got '{mode}'")
+        tokens = self.to_tokens(input, prepend_bos) if isinstance(input, str) else torch.as_tensor(input)
+        if tokens.ndim == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError("get_token_position takes a single sequence; index the batch first")
+            tokens = tokens[0]
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        found = (tokens == token).nonzero().squeeze(1)
+        if found.numel() == 0:
+            raise ValueError(f"token {single_token!r} (id {token}) does not occur in the input")
+        return int(found[0] if mode == "first" else found[-1])
 
     def _as_tokens(
         self, input: ModelInput, attention_mask: torch.Tensor | None, prepend_bos: bool | None
@@ -250,6 +292,7 @@ class HookedMoETransformer(HookedRootModule):
         prepend_bos: bool | None = None,
         loss_per_token: bool = False,
         stop_at_layer: int | None = None,
+        past_kv_cache: KVCache | None = None,
     ):
         """Run the model.
 
@@ -259,12 +302,17 @@ class HookedMoETransformer(HookedRootModule):
         `return_type`: "logits" [batch pos d_vocab], "loss" (mean next-token loss over real
         tokens; [batch pos-1] with `loss_per_token`), "both" (logits, loss) or None.
         `stop_at_layer`: return the residual stream entering that block instead.
+        `past_kv_cache` (see `generate`): the tokens continue the cached ones; the cache
+        receives their keys and values, `attention_mask` covers the new tokens only, and
+        hooks see the new positions only (attention patterns: [batch head new_pos all_pos]).
         """
         tokens, mask = self._as_tokens(input, attention_mask, prepend_bos)
         key_mask = None if mask is None or bool(mask.all()) else mask.bool()
+        if past_kv_cache is not None:
+            past_kv_cache.extend(torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask)
         resid = self.hook_embed(self.embed(tokens)).to(self.W_E.dtype)
-        for block in self.blocks[:stop_at_layer]:
-            resid = block(resid, key_mask)
+        for layer, block in enumerate(self.blocks[:stop_at_layer]):
+            resid = block(resid, key_mask, None if past_kv_cache is None else past_kv_cache[layer])
         if stop_at_layer is not None:
             return resid
         if return_type is None:
@@ -306,6 +354,11 @@ class HookedMoETransformer(HookedRootModule):
         out, cache_dict = super().run_with_cache(*args, attention_mask=mask, **kwargs)
         has_batch_dim = not kwargs.get("remove_batch_dim", False)
         return out, MoEActivationCache(cache_dict, self, has_batch_dim=has_batch_dim, attention_mask=mask)
+
+    def generate(self, input: ModelInput, max_new_tokens: int = 10, **kwargs):
+        """Sample a continuation, as TransformerLens's `HookedTransformer.generate`: see
+        `moe_hooked.generation.generate` for the arguments."""
+        return generation.generate(self, input, max_new_tokens, **kwargs)
 
     @contextlib.contextmanager
     def all_experts(self) -> Iterator[HookedMoETransformer]:

@@ -685,6 +685,174 @@ PAPER = header(
     ),
 ]
 
+# ---------------------------------------------------------------------------------- 04 end to end
+END_TO_END = header(
+    "End to end: which expert drives a correct prediction, and what if it is ablated there?",
+    "A small mechanistic investigation on the demo model, the way a TransformerLens user would run "
+    "it: (1) find a position where the model predicts the next token correctly, (2) attribute the "
+    "logit difference between the correct token and the runner-up to every component of the "
+    "residual stream, down to each routed expert (direct logit attribution per expert), (3) ablate "
+    "the expert with the largest attribution *only at that position* and measure the logit "
+    "difference and the loss, (4) compare with that expert's causal importance over a small corpus, "
+    "and (5) generate text with and without the ablation.",
+    config_extra="TEXTS_PER_DOMAIN = 2  # texts of each built-in corpus for the corpus-level importance\n"
+    "CORPUS_TOKENS = 64  # tokens of each of those texts\n",
+) + [
+    md("## Load the model"),
+    code(LOAD),
+    md(
+        """
+        ## 1. A correct prediction
+
+        Run an English text from the built-in corpora and pick the position where the model gives
+        the correct next token its highest probability among the positions it gets right.
+        """
+    ),
+    code(
+        """
+        from moe_hooked.data import builtin_corpora
+
+        corpora = builtin_corpora()
+        tokens = model.to_tokens(corpora["english"][0])[:, :48]
+        logits, cache = model.run_with_cache(tokens)
+        next_tokens = tokens[0, 1:]
+        p_correct = logits[0, :-1].softmax(-1).gather(-1, next_tokens[:, None])[:, 0]
+        is_correct = logits[0, :-1].argmax(-1) == next_tokens
+        pos = int(torch.where(is_correct, p_correct, torch.zeros_like(p_correct)).argmax())
+        answer, runner_up = int(next_tokens[pos]), int(logits[0, pos].topk(2).indices[1])
+        str_tokens = model.to_str_tokens(tokens[0])
+        print("context:", repr("".join(str_tokens[max(0, pos - 10) : pos + 1])))
+        print(f"position {pos}: correct next token {model.to_single_str_token(answer)!r} "
+              f"(p = {p_correct[pos]:.2f}), runner-up {model.to_single_str_token(runner_up)!r}")
+
+
+        def logit_diff(logits: torch.Tensor) -> float:
+            \"\"\"Correct minus runner-up logit at `pos`.\"\"\"
+            return float(logits[0, pos, answer] - logits[0, pos, runner_up])
+
+
+        print(f"logit difference: {logit_diff(logits):.3f}")
+        """
+    ),
+    md(
+        """
+        ## 2. Direct logit attribution per expert
+
+        `cache.decompose_resid_by_expert` splits the final residual stream into the embedding, each
+        layer's attention, dense MLPs, and in MoE layers one component per routed expert (its
+        routing weight times its output, zero where the token did not select it) plus the shared
+        expert. With `apply_ln=True` each component is divided by the final norm's scale, so its dot
+        product with the logit-difference direction is its direct contribution; the contributions
+        sum to the logit difference.
+        """
+    ),
+    code(
+        """
+        stack, labels = cache.decompose_resid_by_expert(pos_slice=pos, apply_ln=True, return_labels=True)
+        direction = model.tokens_to_residual_directions(answer) - model.tokens_to_residual_directions(runner_up)
+        attribution = pd.Series((stack[:, 0] @ direction).numpy(), index=labels, name="attribution")
+        print(f"sum of the attributions: {attribution.sum():.3f} (the logit difference: {logit_diff(logits):.3f})")
+        assert abs(attribution.sum() - logit_diff(logits)) < 1e-3
+        attribution.sort_values(ascending=False).head(8).to_frame()
+        """
+    ),
+    code(
+        """
+        routed = attribution[attribution.index.str.fullmatch(r"L\\d+E\\d+")]
+        top_label = routed.idxmax()
+        layer, expert = map(int, top_label[1:].split("E"))
+        slot = int((cache["topk_indices", layer][0, pos] == expert).nonzero()[0])
+        weight = float(cache["topk_weights", layer][0, pos, slot])
+        print(f"the routed expert with the largest direct attribution: expert {expert} of layer {layer} "
+              f"({routed.max():.3f}), in slot {slot} with routing weight {weight:.3f}")
+        # the same expert's output, by expert id, at every position (zero where it was not selected)
+        print("positions routed to it:", cache.expert_selected(layer, expert)[0].nonzero().squeeze(1).tolist())
+        """
+    ),
+    md(
+        """
+        ## 3. Ablate it at that position only
+
+        `ablate_experts(..., positions=[pos])` zeroes the expert's routing weight at that one
+        position (the other selected experts keep their weights). Direct attribution ignores what
+        the expert does through later layers; the ablation measures its total effect.
+        """
+    ),
+    code(
+        """
+        from moe_hooked.interventions import ablate_experts
+
+        at_pos = ablate_experts(model, {layer: [expert]}, positions=[pos])
+        clean_loss = model(tokens, return_type="loss", loss_per_token=True)[0]
+        with model.hooks(fwd_hooks=at_pos):
+            ablated_logits, ablated_loss = model(tokens, return_type="both", loss_per_token=True)
+        pd.DataFrame({
+            "clean": [logit_diff(logits), float(clean_loss[pos]), float(clean_loss.mean())],
+            "expert ablated at pos": [logit_diff(ablated_logits), float(ablated_loss[0, pos]), float(ablated_loss.mean())],
+        }, index=["logit difference", f"loss of the next token at {pos}", "mean loss of the text"]).round(4)
+        """
+    ),
+    md(
+        """
+        ## 4. Compare with its importance over a corpus
+
+        The causal importance of each expert of that layer over a small corpus: the increase of the
+        mean next-token loss when the expert is zero-ablated at every position. Is the expert that
+        drives this one prediction also one the model relies on in general?
+        """
+    ),
+    code(
+        """
+        texts = [text for domain_texts in corpora.values() for text in domain_texts[:TEXTS_PER_DOMAIN]]
+        rows = [model.to_tokens(text)[:, :CORPUS_TOKENS] for text in texts]
+        corpus = torch.cat([row for row in rows if row.shape[1] == CORPUS_TOKENS])  # [text CORPUS_TOKENS]
+        print(f"{corpus.shape[0]} texts of {CORPUS_TOKENS} tokens")
+        base = float(model(corpus, return_type="loss"))
+        importance = {}
+        for e in range(cfg.n_experts):
+            with model.hooks(fwd_hooks=ablate_experts(model, {layer: [e]})):
+                importance[e] = float(model(corpus, return_type="loss")) - base
+        importance = pd.Series(importance, name="loss increase").sort_values(ascending=False)
+        rank = list(importance.index).index(expert) + 1
+        print(f"expert {expert} of layer {layer}: loss increase {importance[expert]:.4f}, "
+              f"rank {rank} of {cfg.n_experts} experts of the layer by corpus-level importance")
+        importance.head(5).to_frame()
+        """
+    ),
+    md(
+        """
+        ## 5. Generate with and without the ablation
+
+        `model.generate` samples (here greedily) token by token; hooks added with `model.hooks`
+        act at every step. Position-targeted hooks index the current forward pass, so with
+        `positions=[pos]` generate without the KV cache (every step reruns the whole sequence,
+        and `pos` keeps its meaning). The last line ablates the expert at every position instead.
+        """
+    ),
+    code(
+        """
+        prompt = tokens[:, : pos + 1]
+        options = dict(max_new_tokens=20, do_sample=False, verbose=False)
+        clean_text = model.to_string(model.generate(prompt, **options)[0])
+        with model.hooks(fwd_hooks=at_pos):
+            at_pos_text = model.to_string(model.generate(prompt, use_past_kv_cache=False, **options)[0])
+        with model.hooks(fwd_hooks=ablate_experts(model, {layer: [expert]})):
+            everywhere_text = model.to_string(model.generate(prompt, **options)[0])
+        for name, text in [("clean", clean_text), ("ablated at pos", at_pos_text), ("ablated everywhere", everywhere_text)]:
+            print(f"{name:>20}: {text!r}")
+        """
+    ),
+    code(
+        """
+        from moe_hooked.viz import expert_weight_view
+
+        generated = model.generate(prompt, **options)[0]
+        expert_weight_view(model, generated, layer=layer, expert=expert)  # where the expert is used in the generated text
+        """
+    ),
+]
+
+
 # ---------------------------------------------------------------------------------- 05 SAEs and routing
 SAE_ROUTING = header(
     "Sparse autoencoders on the router's input: which features pick the experts",
@@ -837,6 +1005,7 @@ NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
     "02_interventions.ipynb": INTERVENTIONS,
     "03_moe_lens_paper.ipynb": PAPER,
+    "04_end_to_end.ipynb": END_TO_END,
     "05_sae_routing.ipynb": SAE_ROUTING,
 }
 REQUIRES = {"05_sae_routing.ipynb": "sae_lens"}

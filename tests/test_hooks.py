@@ -53,6 +53,9 @@ def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
             mlp + "hook_router_probs": (b, p, e),
             mlp + "hook_topk_indices": (b, p, k),
             mlp + "hook_topk_weights": (b, p, k),
+            mlp + "hook_expert_pre": (b, p, k, cfg.d_expert),
+            mlp + "hook_expert_pre_linear": (b, p, k, cfg.d_expert),
+            mlp + "hook_expert_post": (b, p, k, cfg.d_expert),
             mlp + "hook_expert_out": (b, p, k, d),
             mlp + "hook_routed_out": (b, p, d),
         }

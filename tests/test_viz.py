@@ -106,17 +106,69 @@ def test_views_from_model_and_from_cache_agree(olmoe):
     assert from_model["secondDimensionLabels"] == [str(e) for e in range(olmoe.cfg.n_experts)]
 
 
-def test_expert_weight_and_top1_view_values(olmoe):
+class TokenSpans(HTMLParser):
+    """(category, text) of every token span of a categorical view, rows first, then the legend."""
+
+    def __init__(self):
+        super().__init__()
+        self.spans, self.colours, self.current = [], {}, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "span" and "data-category" in attrs:
+            self.current = int(attrs["data-category"])
+            self.colours.setdefault(self.current, set()).add(attrs["style"])
+            self.spans.append([self.current, ""])
+
+    def handle_data(self, data):
+        if self.current is not None:
+            self.spans[-1][1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "span":
+            self.current = None
+
+
+def test_expert_weight_view_scales_to_the_data(olmoe):
     probs = router_probs(olmoe)
     layer, expert = 1, int(probs[1][-1].argmax())
     weight_props = props(expert_weight_view(olmoe, PROMPT, layer, expert))
-    np.testing.assert_allclose(weight_props["values"], hand_dense_weights(olmoe, probs[layer])[:, expert].numpy(), **TOL)
-    assert (weight_props["minValue"], weight_props["maxValue"]) == (0.0, 1.0)
+    expected = hand_dense_weights(olmoe, probs[layer])[:, expert]
+    np.testing.assert_allclose(weight_props["values"], expected.numpy(), **TOL)
+    assert weight_props["minValue"] == 0.0
+    assert weight_props["maxValue"] == pytest.approx(float(expected.max()), rel=1e-5)
     assert weight_props["values"][-1] > 0  # the expert is this token's top-1
-    top1_props = props(top1_expert_view(olmoe, PROMPT))
-    expected = torch.stack([probs[layer].argmax(-1) for layer in olmoe.cfg.moe_layers], dim=1)
-    assert np.array_equal(np.array(top1_props["values"]), expected.float().numpy())
-    assert top1_props["labels"] == [f"layer {layer}" for layer in olmoe.cfg.moe_layers]
+    assert props(expert_weight_view(olmoe, PROMPT, layer, expert, max_value=1.0))["maxValue"] == 1.0
+    with pytest.raises(ValueError, match="max_value must be > 0"):
+        expert_weight_view(olmoe, PROMPT, layer, expert, max_value=0)
+
+
+def test_top1_view_is_categorical_with_a_legend(olmoe):
+    probs = router_probs(olmoe)
+    expected = torch.stack([probs[layer].argmax(-1) for layer in olmoe.cfg.moe_layers], dim=1)  # [pos layer]
+    str_tokens = olmoe.to_str_tokens(PROMPT)
+    view = top1_expert_view(olmoe, PROMPT)
+    parser = TokenSpans()
+    parser.feed(view.to_html())
+    n_tokens = expected.numel()
+    rows, legend = parser.spans[:n_tokens], parser.spans[n_tokens:]
+    assert [c for c, _ in rows] == expected.T.flatten().tolist()
+    assert [t for _, t in rows] == str_tokens * len(olmoe.cfg.moe_layers)
+    assert legend == [[e, f"expert {e}"] for e in sorted(set(expected.flatten().tolist()))]
+    assert all(len(styles) == 1 for styles in parser.colours.values())  # one colour per expert id
+    backgrounds = {e: next(iter(styles)).split(";")[0] for e, styles in parser.colours.items()}
+    assert len(set(backgrounds.values())) == len(backgrounds)  # distinct ids, distinct colours
+    for layer in olmoe.cfg.moe_layers:
+        assert f"layer {layer}" in view.to_html()
+
+
+def test_notebook_views_embed_the_bundle_once(olmoe, monkeypatch):
+    monkeypatch.setattr(CircuitsView, "bundle_shown", False)
+    first, second = routing_view(olmoe, PROMPT)._repr_html_(), expert_weight_view(olmoe, PROMPT, 1, 0)._repr_html_()
+    assert len(first) > 1_000_000 and "window.CircuitsVis = CircuitsVis;" in first
+    assert len(second) < 20_000 and "CircuitsVis.ColoredTokens" in second and "window.CircuitsVis" in second
+    monkeypatch.setitem(__import__("sys").modules, "google.colab", object())  # Colab: every output its own frame
+    assert len(expert_weight_view(olmoe, PROMPT, 1, 0)._repr_html_()) > 1_000_000
 
 
 def test_routing_view_errors(olmoe, qwen):
@@ -141,9 +193,10 @@ def test_offline_view_never_asks_for_the_network(olmoe, monkeypatch):
         raise AssertionError("the offline view must not probe the network")
 
     monkeypatch.setattr(render, "internet_on", no_network)
+    monkeypatch.setattr(CircuitsView, "bundle_shown", False)
     view = routing_view(olmoe, PROMPT)
     shown = view._repr_html_()
-    assert shown == view.rendered.local_src
+    assert shown.replace("\nwindow.CircuitsVis = CircuitsVis;\n", "") == view.rendered.local_src
     assert "unpkg.com" not in shown and "CircuitsVis.render(" in shown
     assert "unpkg.com" not in view.to_html()
     monkeypatch.setattr(render, "internet_on", lambda: True)
@@ -179,10 +232,27 @@ def test_offline_routing_view_renders_in_chromium_without_network(olmoe, tmp_pat
 @needs_chromium
 def test_offline_top1_view_renders_in_chromium(olmoe, tmp_path):
     path = top1_expert_view(olmoe, PROMPT).save(tmp_path / "top1.html")
-    page = open_page(path, ready=RENDERED)
+    page = open_page(path, ready="document.querySelector('.moe-cat') && document.querySelector('.moe-cat').innerText")
     assert page.console_errors == [] and page.network_requests == []
+    assert not is_blank(page.screenshot)
     for layer in olmoe.cfg.moe_layers:
-        assert f"layer {layer}" in page.value["text"]
+        assert f"layer {layer}" in page.value
+
+
+@needs_chromium
+def test_views_sharing_one_bundle_render_in_chromium(olmoe, tmp_path, monkeypatch):
+    """Two notebook outputs (each in its own output element) in one page: the second view
+    renders with the first one's bundle."""
+    monkeypatch.setattr(CircuitsView, "bundle_shown", False)
+    outputs = [routing_view(olmoe, PROMPT)._repr_html_(), expert_weight_view(olmoe, PROMPT, 1, 0)._repr_html_()]
+    path = tmp_path / "notebook.html"
+    cells = "".join(f'<div class="output">{output}</div>' for output in outputs)
+    path.write_text(f"<!DOCTYPE html><html><body>{cells}</body></html>", encoding="utf-8")
+    ready = """(() => { const roots = document.querySelectorAll('[id^="circuits-vis-"]');
+      return roots.length == 2 && [...roots].every(r => r.innerText.length > 0) ? roots.length : null; })()"""
+    page = open_page(path, ready=ready)
+    assert page.console_errors == [] and page.network_requests == []
+    assert page.value == 2
 
 
 # --------------------------------------------------------------------------- expert-lens grid

@@ -9,6 +9,7 @@ from jaxtyping import Bool, Float
 from torch import nn
 
 from moe_hooked.components.hook_point import MoEHookPoint
+from moe_hooked.components.kv_cache import LayerKVCache, causal_mask, rotary_positions
 from moe_hooked.components.norms import RMSNorm
 from moe_hooked.components.rotary import RotaryEmbedding, rotate_half
 from moe_hooked.config import MoEConfig
@@ -29,6 +30,10 @@ class Attention(nn.Module):
 
     When neither `hook_attn_scores` nor `hook_pattern` is hooked, the pattern is not
     materialised: PyTorch's fused scaled-dot-product attention computes the same result.
+
+    With a `kv_cache` (incremental decoding) the hooks on q, k, v, rot_q, rot_k and z see the
+    new positions only ([batch new_pos ...]) and `hook_attn_scores` / `hook_pattern` are
+    [batch head_index new_pos all_pos]: the new queries against every cached and new key.
     """
 
     def __init__(self, cfg: MoEConfig, sliding_window: int | None = None):
@@ -101,19 +106,33 @@ class Attention(nn.Module):
         self,
         x: Float[torch.Tensor, "batch pos d_model"],
         key_mask: Bool[torch.Tensor, "batch pos"] | None = None,
+        kv_cache: LayerKVCache | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
-        """`key_mask` marks the real (non-padding) tokens; padding keys get no attention."""
-        q, k, v = self.project_qkv(x)
-        z = self.attend(q, k, v, key_mask)
+        """`key_mask` marks the real (non-padding) tokens; padding keys get no attention and
+        rotary positions count real tokens only. `kv_cache` holds the earlier positions' keys
+        and values (and the padding mask); it replaces `key_mask`."""
+        if kv_cache is not None:
+            positions = kv_cache.positions
+        else:
+            positions = None if key_mask is None else rotary_positions(key_mask)
+        q, k, v = self.project_qkv(x, positions)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+            mask = kv_cache.mask
+        else:
+            mask = causal_mask(x.shape[1], x.shape[1], key_mask, x.device)
+        z = self.attend(q, k, v, self._windowed(mask))
         return F.linear(z.flatten(-2), self.w_o, getattr(self, "b_o", None))
 
-    def project_qkv(self, x: Float[torch.Tensor, "batch pos d_model"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotated queries [batch pos head d_head], rotated keys and values [batch pos kv_head d_head]."""
+    def project_qkv(
+        self, x: Float[torch.Tensor, "batch pos d_model"], positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [batch pos head d_head], keys and values [batch pos kv_head d_head], the
+        queries and keys rotated at `positions` [batch pos] (None: 0..pos-1)."""
         q = self.hook_q(self._project(x, self.w_q, getattr(self, "b_q", None), getattr(self, "q_norm", None)))
         k = self.hook_k(self._project(x, self.w_k, getattr(self, "b_k", None), getattr(self, "k_norm", None)))
         v = self.hook_v(self._project(x, self.w_v, getattr(self, "b_v", None), None))
-        cos, sin = self.rotary(x.shape[1], x.dtype, x.device)
-        cos, sin = cos[:, None, :], sin[:, None, :]
+        cos, sin = self._rotary_tables(positions, x)
         q = self.hook_rot_q(q * cos + rotate_half(q) * sin)
         k = self.hook_rot_k(k * cos + rotate_half(k) * sin)
         return q, k, v
@@ -121,29 +140,38 @@ class Attention(nn.Module):
     def attend(
         self,
         q: Float[torch.Tensor, "batch pos head d_qk"],
-        k: Float[torch.Tensor, "batch pos kv_head d_qk"],
-        v: Float[torch.Tensor, "batch pos kv_head d_v"],
-        key_mask: Bool[torch.Tensor, "batch pos"] | None,
+        k: Float[torch.Tensor, "batch key_pos kv_head d_qk"],
+        v: Float[torch.Tensor, "batch key_pos kv_head d_v"],
+        mask: Bool[torch.Tensor, "batch 1 pos key_pos"],
     ) -> Float[torch.Tensor, "batch pos head d_v"]:
-        """Causal softmax(q.k * scale) v over heads (kv heads repeated), hooked at `hook_z`."""
+        """softmax(q.k * scale) v where `mask` allows, over heads (kv heads repeated), hooked at `hook_z`."""
         n_rep = q.shape[2] // k.shape[2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch head pos d]
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        mask = self._mask(q.shape[2], key_mask, q.device)
         if self._pattern_is_hooked():
             z = self._explicit_attention(q, k, v, mask)
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.hook_z(z.transpose(1, 2))
 
-    def _mask(self, n_pos: int, key_mask, device) -> Bool[torch.Tensor, "batch 1 query_pos key_pos"]:
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()
-        if self.sliding_window is not None:
-            causal = causal.triu(1 - self.sliding_window)  # key j visible iff i - window < j <= i
-        causal = causal[None, None]
-        if key_mask is None:
-            return causal
-        return causal & key_mask[:, None, None, :].bool()
+    def _windowed(self, mask: Bool[torch.Tensor, "batch 1 pos key_pos"]) -> Bool[torch.Tensor, "batch 1 pos key_pos"]:
+        """`mask` without the keys further back than `sliding_window` positions (the queries
+        are the last positions of the keys; a query always keeps itself)."""
+        if self.sliding_window is None:
+            return mask
+        n_query, n_key = mask.shape[-2:]
+        query_at = torch.arange(n_key - n_query, n_key, device=mask.device)[:, None]
+        return mask & (torch.arange(n_key, device=mask.device) > query_at - self.sliding_window)
+
+    def _rotary_tables(
+        self, positions: torch.Tensor | None, x: torch.Tensor
+    ) -> tuple[Float[torch.Tensor, "batch pos 1 d_rot"], Float[torch.Tensor, "batch pos 1 d_rot"]]:
+        """cos/sin at `positions` [batch pos] (None: 0..pos-1), broadcastable over heads."""
+        n_pos = x.shape[1] if positions is None else int(positions.max()) + 1
+        cos, sin = self.rotary(n_pos, x.dtype, x.device)
+        if positions is None:
+            return cos[None, :, None, :], sin[None, :, None, :]
+        return cos[positions][:, :, None, :], sin[positions][:, :, None, :]
 
     def _explicit_attention(self, q, k, v, mask) -> Float[torch.Tensor, "batch head pos d_v"]:
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale)  # in place: no second copy

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +16,9 @@ from moe_hooked.config import MoEConfig
 
 if TYPE_CHECKING:  # the store builds on Experts, not the other way round
     from moe_hooked.components.expert_store import ExpertStore
+
+HiddenEdit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(pre, pre_linear) [n k d_expert] -> post [n k d_expert]."""
 
 
 class Experts(nn.Module):
@@ -71,49 +74,103 @@ class Experts(nn.Module):
             return self.store.weights(self.store_name, e)
         return {name: getattr(self, name)[e] for name in self.param_names}
 
+    @property
+    def W_in(self) -> Float[torch.Tensor, "n_experts d_model d_expert"]:
+        """TransformerLens layout of `W_up` (a view)."""
+        return self.W_up.transpose(-2, -1)
+
+    @property
+    def W_gate_in(self) -> Float[torch.Tensor, "n_experts d_model d_expert"]:
+        """TransformerLens layout of `W_gate` (a view; `W_gate` itself is the hub layout)."""
+        return self.W_gate.transpose(-2, -1)
+
+    @property
+    def W_out(self) -> Float[torch.Tensor, "n_experts d_expert d_model"]:
+        """TransformerLens layout of `W_down` (a view)."""
+        return self.W_down.transpose(-2, -1)
+
     def expert(self, e: int, x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_model"]:
-        """Expert `e` applied to the rows of `x`."""
+        """Expert `e` applied to the rows of `x`: its three stages composed."""
+        return self.down(e, self.activate(*self.hidden(e, x)))
+
+    def hidden(
+        self, e: int, x: Float[torch.Tensor, "n d_model"]
+    ) -> tuple[Float[torch.Tensor, "n d_expert"], Float[torch.Tensor, "n d_expert"]]:
+        """Expert `e`'s input projections: (pre = x W_gate^T [+ b_gate], pre_linear = x W_up^T [+ b_up])."""
         w = self.weights(e)
-        gate = F.linear(x, w["W_gate"], w.get("b_gate"))
-        up = F.linear(x, w["W_up"], w.get("b_up"))
+        return F.linear(x, w["W_gate"], w.get("b_gate")), F.linear(x, w["W_up"], w.get("b_up"))
+
+    def activate(
+        self, pre: Float[torch.Tensor, "... d_expert"], pre_linear: Float[torch.Tensor, "... d_expert"]
+    ) -> Float[torch.Tensor, "... d_expert"]:
+        """The gated activation (the same for every expert): post = act(pre) * pre_linear, or
+        gpt-oss's clamped SwiGLU when `cfg.swiglu_limit` is set."""
         if self.cfg.swiglu_limit is None:
-            hidden = self.act(gate) * up
-        else:
-            hidden = clamped_swiglu(gate, up, self.cfg.swiglu_limit, self.cfg.swiglu_alpha)
-        return F.linear(hidden, w["W_down"], w.get("b_down"))
+            return self.act(pre) * pre_linear
+        return clamped_swiglu(pre, pre_linear, self.cfg.swiglu_limit, self.cfg.swiglu_alpha)
+
+    def down(self, e: int, post: Float[torch.Tensor, "n d_expert"]) -> Float[torch.Tensor, "n d_model"]:
+        """Expert `e`'s output projection (+ b_down)."""
+        w = self.weights(e)
+        return F.linear(post, w["W_down"], w.get("b_down"))
 
     def forward(
         self,
         x: Float[torch.Tensor, "n d_model"],
         indices: Int[torch.Tensor, "n k"],
         weights: Float[torch.Tensor, "n k"],
+        edit_hidden: HiddenEdit | None = None,
     ) -> Float[torch.Tensor, "n k d_model"]:
         """Unweighted output of the expert in each slot.
 
         Tokens are grouped by expert so that each expert runs once on all its tokens.
         Slots whose weight is zero are not computed and hold zeros.
+
+        `edit_hidden(pre, pre_linear) -> post`, each [n k d_expert] (zeros in slots not
+        computed), replaces `activate` when given: the experts then run in two passes (input
+        projections of every slot, then `edit_hidden`, then the output projections), so that
+        the caller sees and may edit the hidden activations of all slots at once.
         """
-        n, k = indices.shape
         self._check_range(indices)
+        d_model, d_expert = self.cfg.d_model, self.cfg.d_expert
+        if edit_hidden is None:
+            return self._per_slot(self.expert, x, indices, weights, d_model)
+        both = self._per_slot(lambda e, rows: torch.cat(self.hidden(e, rows), -1), x, indices, weights, 2 * d_expert)
+        post = edit_hidden(*both.chunk(2, dim=-1))
+        return self._per_slot(self.down, post, indices, weights, d_model, per_slot_input=True)
+
+    def _per_slot(
+        self,
+        fn: Callable[[int, torch.Tensor], torch.Tensor],
+        x: Float[torch.Tensor, "n d_in"] | Float[torch.Tensor, "n k d_in"],
+        indices: Int[torch.Tensor, "n k"],
+        weights: Float[torch.Tensor, "n k"],
+        d_out: int,
+        per_slot_input: bool = False,
+    ) -> Float[torch.Tensor, "n k d_out"]:
+        """`fn(e, rows)` -> [rows d_out] on the rows of every slot whose weight is nonzero,
+        grouped by expert; zeros in the other slots. The rows are `x`'s token rows, or with
+        `per_slot_input` the slot rows of `x` [n k d_in]."""
+        n, k = indices.shape
         active = (weights != 0).flatten().nonzero().squeeze(1)  # flat slot ids
         expert_of_slot = indices.flatten()[active]
         order = torch.argsort(expert_of_slot, stable=True)
         slots = active[order]
         counts = torch.bincount(expert_of_slot, minlength=self.cfg.n_experts).tolist()
-        starts = [0] + torch.tensor(counts).cumsum(0).tolist()
-        grouped_in = x[slots // k]
-        grouped_out = torch.empty_like(grouped_in)
+        grouped_in = x.flatten(0, 1)[slots] if per_slot_input else x[slots // k]
+        rows = dict(enumerate(grouped_in.split(counts)))
         used = [e for e, count in enumerate(counts) if count]  # experts with no non-zero weight are never read
+        outs = {}
         groups = self._groups(used)
         for group in groups:
             with self._resident(group):
-                if self.store is not None and len(groups) == 1:  # the budget has room beside this layer
+                if self.store is not None and len(groups) == 1 and not per_slot_input:  # room beside this layer
                     self.store.prefetch_next(self.store_name, x)
-                for e in group:
-                    grouped_out[starts[e] : starts[e + 1]] = self.expert(e, grouped_in[starts[e] : starts[e + 1]])
+                outs |= {e: fn(e, rows[e]) for e in group}
+        grouped_out = torch.cat([outs[e] for e in used]) if used else grouped_in.new_zeros(0, d_out)
         if slots.numel() == n * k:  # every slot computed: undo the sort with one gather
             return grouped_out[torch.argsort(slots)].view(n, k, -1)
-        out = x.new_zeros(n * k, x.shape[-1])
+        out = grouped_out.new_zeros(n * k, grouped_out.shape[-1])
         out[slots] = grouped_out
         return out.view(n, k, -1)
 

@@ -76,8 +76,11 @@ class MLAttention(Attention):
     def W_V(self):
         raise NotImplementedError("MLAttention has no W_V: values are expanded from the latent (w_kv_a, w_kv_b)")
 
-    def project_qkv(self, x: Float[torch.Tensor, "batch pos d_model"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotated queries and keys [batch pos head d_qk], values [batch pos head d_v]."""
+    def project_qkv(
+        self, x: Float[torch.Tensor, "batch pos d_model"], positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys [batch pos head d_qk] rotated at `positions` [batch pos] (None:
+        0..pos-1), values [batch pos head d_v]."""
         cfg = self.cfg
         q = self.hook_q(self._queries(x))
         latent, k_rope = F.linear(x, self.w_kv_a).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
@@ -88,7 +91,7 @@ class MLAttention(Attention):
         )
         k = self.hook_k(torch.cat([k_nope, k_rope[:, :, None].expand(-1, -1, cfg.n_heads, -1)], dim=-1))
         v = self.hook_v(v)
-        cos, sin = self.rotary(x.shape[1], x.dtype, x.device)
+        cos, sin = self._rotary_tables(positions, x)
         return self.hook_rot_q(self._rotate(q, cos, sin)), self.hook_rot_k(self._rotate(k, cos, sin)), v
 
     def _queries(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos head d_qk"]:
@@ -105,5 +108,4 @@ class MLAttention(Attention):
         nope, rope = t.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
         if self.cfg.rope_interleaved:  # (x0, x1), (x2, x3), ... -> (x0, x2, ..., x1, x3, ...)
             rope = rope.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-        cos, sin = cos[:, None, :], sin[:, None, :]
         return torch.cat([nope, rope * cos + rotate_half(rope) * sin], dim=-1)

@@ -48,6 +48,21 @@ class GatedMLP(nn.Module):
         self.hook_pre_linear = MoEHookPoint()
         self.hook_post = MoEHookPoint()
 
+    @property
+    def W_in(self) -> Float[torch.Tensor, "d_model d_mlp"]:
+        """TransformerLens layout of `w_up`."""
+        return self.w_up.T
+
+    @property
+    def W_gate(self) -> Float[torch.Tensor, "d_model d_mlp"]:
+        """TransformerLens layout of `w_gate`."""
+        return self.w_gate.T
+
+    @property
+    def W_out(self) -> Float[torch.Tensor, "d_mlp d_model"]:
+        """TransformerLens layout of `w_down`."""
+        return self.w_down.T
+
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
         pre = self.hook_pre(F.linear(x, self.w_gate))
         pre_linear = self.hook_pre_linear(F.linear(x, self.w_up))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
 
-from moe_hooked.components.experts import Experts
+from moe_hooked.components.experts import Experts, HiddenEdit
 from moe_hooked.components.hook_point import MoEHookPoint
 from moe_hooked.components.mlp import GatedMLP
 from moe_hooked.components.router import Router
@@ -23,6 +23,11 @@ class MoEBlock(nn.Module):
     plus the bias, which the top-k ranks; -inf where a logit is -inf);
     `hook_topk_indices`, `hook_topk_weights` [batch pos k];
     `hook_expert_out` [batch pos k d_model] (unweighted, per slot);
+    inside the routed experts, per slot as `hook_expert_out` (zeros in slots not computed):
+    `hook_expert_pre` (x W_gate^T), `hook_expert_pre_linear` (x W_up^T), `hook_expert_post`
+    (act(pre) * pre_linear, what W_down reads), each [batch pos k d_expert] and editable, like
+    TransformerLens's `mlp.hook_pre` / `hook_pre_linear` / `hook_post`. They cost a second
+    dispatch over the experts, so they run only while one of them has a hook;
     `hook_all_expert_out` [batch pos n_experts d_model] (only when `compute_all_experts`);
     `hook_routed_out` [batch pos d_model]; shared expert: `hook_shared_gate` [batch pos 1]
     (gated models), `hook_shared_out` [batch pos d_model].
@@ -46,6 +51,9 @@ class MoEBlock(nn.Module):
             self.hook_selection_scores = MoEHookPoint()
         self.hook_topk_indices = MoEHookPoint()
         self.hook_topk_weights = MoEHookPoint()
+        self.hook_expert_pre = MoEHookPoint()
+        self.hook_expert_pre_linear = MoEHookPoint()
+        self.hook_expert_post = MoEHookPoint()
         self.hook_expert_out = MoEHookPoint()
         self.hook_all_expert_out = MoEHookPoint()
         self.hook_routed_out = MoEHookPoint()
@@ -60,7 +68,8 @@ class MoEBlock(nn.Module):
         indices = self.hook_topk_indices(indices)
         weights = self.hook_topk_weights(weights)
         flat_x = x.flatten(0, 1)
-        expert_out = self.experts(flat_x, indices.flatten(0, 1), weights.flatten(0, 1))
+        edit = self._edit_hidden(x.shape[:2]) if self._hidden_is_hooked() else None
+        expert_out = self.experts(flat_x, indices.flatten(0, 1), weights.flatten(0, 1), edit)
         expert_out = self.hook_expert_out(expert_out.unflatten(0, x.shape[:2]))
         if self.compute_all_experts:
             self.hook_all_expert_out(self.experts.forward_all(flat_x).unflatten(0, x.shape[:2]))
@@ -68,6 +77,20 @@ class MoEBlock(nn.Module):
         if not self.cfg.d_shared_expert:
             return routed
         return routed + self.hook_shared_out(self.shared(x))
+
+    def _hidden_is_hooked(self) -> bool:
+        hooks = (self.hook_expert_pre, self.hook_expert_pre_linear, self.hook_expert_post)
+        return any(h._forward_hooks or h._backward_hooks for h in hooks)
+
+    def _edit_hidden(self, batch_pos: torch.Size) -> HiddenEdit:
+        """The hooks on the experts' hidden activations, as `Experts.forward`'s `edit_hidden`."""
+
+        def edit(pre: torch.Tensor, pre_linear: torch.Tensor) -> torch.Tensor:
+            pre = self.hook_expert_pre(pre.unflatten(0, batch_pos))
+            pre_linear = self.hook_expert_pre_linear(pre_linear.unflatten(0, batch_pos))
+            return self.hook_expert_post(self.experts.activate(pre, pre_linear)).flatten(0, 1)
+
+        return edit
 
     def shared(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
         """The shared expert's output, times its sigmoid gate where the model has one."""

@@ -84,6 +84,11 @@ def load_tokenizer(folder: Path):
         hf_logging.set_verbosity(verbosity)
 
 
+def default_device() -> str:
+    """"cuda" when a GPU is available, else "cpu" (as TransformerLens chooses)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_pretrained(
     model_cls, name_or_path, dtype=None, device=None, revision=None, router_dtype=None, check_finite=False,
     expert_memory_bytes=None,
@@ -98,7 +103,7 @@ def load_pretrained(
     raw = read_config(folder)
     arch = family(raw)
     files = safetensors_files(folder)
-    overrides = {"dtype": _as_dtype(dtype) or checkpoint_dtype(files), "device": torch.device(device or "cpu")}
+    overrides = {"dtype": _as_dtype(dtype) or checkpoint_dtype(files), "device": torch.device(device or default_device())}
     if router_dtype is not None:
         overrides["router_dtype"] = router_dtype
     cfg = dataclasses.replace(arch.config_from_hf(raw), **overrides)

@@ -1,5 +1,6 @@
 """Visualisation: circuitsvis routing views, the expert-lens grid, the paper's figures."""
 
+from moe_hooked.viz.categorical import CategoricalTokensView
 from moe_hooked.viz.expert_lens_grid import ExpertLensGrid
 from moe_hooked.viz.figures import (
     coactivation_figure,
@@ -21,6 +22,7 @@ from moe_hooked.viz.routing import (
 )
 
 __all__ = [
+    "CategoricalTokensView",
     "CircuitsView",
     "ExpertLensGrid",
     "coactivation_figure",
