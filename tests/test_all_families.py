@@ -9,6 +9,7 @@ import torch
 from families import FAMILIES, tiny_hooked
 from tiny import TRAIN_TEXTS
 
+from moe_hooked import HookedMoETransformer
 from moe_hooked.analysis import perplexity_vs_top_k, routing_stats
 from moe_hooked.interventions import ablate_experts, keep_top_k, patch_expert_outputs, route_to
 from moe_hooked.lens import expert_lens, logit_lens, topk_cosine
@@ -96,3 +97,39 @@ def test_corpus_analyses_and_report(family_model, tmp_path):
     assert set(ppl["k"]) == set(range(1, model.cfg.top_k + 1))
     out = build_report(str(folder), CORPORA, tmp_path / "report", max_tokens=16, progress=False)
     assert (out / "index.html").is_file()
+
+
+def _one_expert_bytes(model: HookedMoETransformer) -> int:
+    experts = model.moe_blocks[model.cfg.moe_layers[0]].experts
+    return sum(getattr(experts, name)[0].numel() for name in experts.param_names) * model.cfg.dtype.itemsize
+
+
+def test_offloaded_experts_give_the_same_values_bit_for_bit(family_model, tokens):
+    """Room for 3 experts: every layer is run in groups, experts are evicted and read again."""
+    folder, model = family_model
+    offloaded = HookedMoETransformer.from_pretrained(folder, expert_memory=3 * _one_expert_bytes(model))
+    mask = torch.ones_like(tokens)
+    mask[1, 7:] = 0
+    for hooks in ([], keep_top_k(model, 1)):
+        with model.hooks(fwd_hooks=hooks):
+            logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+        with offloaded.hooks(fwd_hooks=hooks):
+            offloaded_logits, offloaded_cache = offloaded.run_with_cache(tokens, attention_mask=mask)
+        assert torch.equal(logits, offloaded_logits)
+        assert cache.keys() == offloaded_cache.keys()
+        for name in cache.keys():
+            assert torch.equal(cache[name], offloaded_cache[name]), name
+    stats = offloaded.expert_memory_stats()
+    assert stats["peak_resident_bytes"] <= stats["budget_bytes"] and stats["misses"] > 0
+
+
+def test_generate_with_and_without_the_kv_cache(family_model):
+    """Greedy tokens of a left-padded batch are the same with and without the KV cache (sliding
+    windows shorter than the text, attention sinks and latent attention included)."""
+    _, model = family_model
+    prompts = [TRAIN_TEXTS[0][:24], TRAIN_TEXTS[2][:9]]
+    options = dict(max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False, return_type="tokens")
+    cached = model.generate(prompts, **options)
+    assert torch.equal(cached, model.generate(prompts, use_past_kv_cache=False, **options))
+    alone = model.generate(prompts[1], **options)
+    assert torch.equal(cached[1, -alone.shape[1]:], alone[0])  # the left-padded row equals its run alone

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from deepseek_reference import build_reference, deepseek_config, write_checkpoint
-from hf_models import build_hf, olmoe_config, qwen2_moe_config, save_hf
+from families import FAMILIES, build_and_save
+from hf_models import olmoe_config
 from tiny import tiny_model
 
 from moe_hooked import HookedMoETransformer
@@ -19,26 +19,11 @@ from moe_hooked.viz import expert_weight_view, routing_cache, top1_expert_view
 N_NEW = 12
 
 
-def _deepseek_pair(folder):
-    config = deepseek_config()
-    reference = build_reference(config, seed=3)
-    return reference, HookedMoETransformer.from_pretrained(write_checkpoint(reference, config, folder))
-
-
-def _hf_pair(config):
-    def build(folder):
-        hf = build_hf(config(), seed=1)
-        return hf, HookedMoETransformer.from_pretrained(save_hf(hf, folder))
-
-    return build
-
-
-FAMILIES = {"olmoe": _hf_pair(olmoe_config), "qwen2_moe": _hf_pair(qwen2_moe_config), "deepseek": _deepseek_pair}
-
-
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def pair(request, tmp_path_factory):
-    return FAMILIES[request.param](tmp_path_factory.mktemp(request.param))
+    """Every family's tiny reference (a transformers model) and its hooked twin."""
+    reference, folder = build_and_save(next(iter(FAMILIES[request.param].configs)), tmp_path_factory.mktemp(request.param), 1)
+    return reference, HookedMoETransformer.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

@@ -243,8 +243,8 @@ def test_file_changed_on_disk_after_loading(tmp_path):
         model(tokens_and_mask()[0])
 
 
-def test_checkpoint_with_fused_experts_cannot_be_streamed(olmoe_checkpoint, monkeypatch):
-    """A weight map whose expert tensor holds every expert (as fused checkpoints do)."""
+def test_expert_tensor_neither_per_expert_nor_stacked_is_refused(olmoe_checkpoint, monkeypatch):
+    """A weight map that sends one expert's tensor to the whole stacked parameter."""
 
     own_names = olmoe.weight_names
 
@@ -254,7 +254,7 @@ def test_checkpoint_with_fused_experts_cannot_be_streamed(olmoe_checkpoint, monk
         return names
 
     monkeypatch.setattr(olmoe, "weight_names", fused)
-    with pytest.raises(CheckpointError, match="cannot be streamed per expert"):
+    with pytest.raises(CheckpointError, match="must be stacked along its first dim"):
         HookedMoETransformer.from_pretrained(olmoe_checkpoint, expert_memory="1GiB")
 
 

@@ -23,7 +23,16 @@ from typing import NamedTuple
 import torch
 
 from moe_hooked.components.experts import Experts
-from moe_hooked.loading.checkpoint import TensorEntry, as_targets, read_header, read_into
+from moe_hooked.loading.checkpoint import (
+    TensorEntry,
+    as_targets,
+    hub_view,
+    read_header,
+    read_into,
+    read_tensor,
+    target_shape,
+)
+from moe_hooked.loading.mxfp4 import BLOCKS_SUFFIX
 from moe_hooked.loading.errors import CheckpointError
 from moe_hooked.loading.llama_like import Target
 
@@ -260,7 +269,9 @@ class ExpertStore:
         for param, tensor in self.tensors[key].items():
             self._check_unchanged(tensor.path)
             f = self._file(tensor.path)
-            if self.device.type == "cuda":
+            if tensor.target.interleave is not None or tensor.target.transpose:  # a view of a fused hub tensor
+                dest[param].copy_(hub_view(tensor.target, read_tensor(f, tensor.entry)))
+            elif self.device.type == "cuda":
                 self._read_via_staging(f, tensor.entry, dest[param])
             else:
                 read_into(f, tensor.entry, dest[param])
@@ -305,7 +316,7 @@ class ExpertStore:
             f"{t.target.param}[{key[1]}] ({t.path.name}): {t.entry.shape}, expected {self.shapes[param]}"
             for key, ts in self.tensors.items()
             for param, t in ts.items()
-            if t.entry.shape != tuple(self.shapes[param]) or t.entry.dtype is None
+            if target_shape(t.target, t.entry.shape) != tuple(self.shapes[param]) or t.entry.dtype is None
         ]
         if bad:
             raise CheckpointError("misshapen routed-expert tensors:\n  " + "\n  ".join(bad[:20]))
@@ -349,31 +360,53 @@ def offload_experts(
     """Attach one `ExpertStore` to every `Experts` module of `model` (still on the meta device)
     and drop their stacked weights; returns the store and the hub keys it reads (not to be loaded now).
 
-    Each routed-expert hub tensor must hold one expert (a `Target` with an expert index);
-    checkpoints that fuse all experts into one tensor cannot be streamed per expert.
+    A hub tensor may hold one expert (a `Target` with an expert index) or all of them stacked
+    along its first dim (gpt-oss's fused `gate_up_proj`, `down_proj` and biases): each expert's
+    slice is then a contiguous byte range, read alone and viewed through the target (de-interleaved,
+    transposed). MXFP4-quantized experts are refused: their blocks and scales are not streamed.
     """
     modules = {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
-    by_key = {}
+    by_key: dict[str, list[tuple[str, str, Target]]] = {}
     for key, targets in weight_map.items():
-        target = as_targets(targets)[0]
-        module, _, param = target.param.rpartition(".")
-        if module not in modules:
-            continue
-        if target.expert is None or len(as_targets(targets)) > 1:
-            raise CheckpointError(
-                f"expert_memory needs one checkpoint tensor per routed expert, but '{key}' holds all experts "
-                f"of {module}.{param}: this checkpoint cannot be streamed per expert; load it without expert_memory"
-            )
-        by_key[key] = (module, target.expert, param, target)
+        for target in as_targets(targets):
+            module, _, param = target.param.rpartition(".")
+            if module in modules:
+                by_key.setdefault(key, []).append((module, param, target))
     tensors: dict[Key, dict[str, ExpertTensor]] = {}
     for path in files:
         for key, entry in read_header(path).items():
-            if key in by_key:
-                module, expert, param, target = by_key[key]
-                tensors.setdefault((module, expert), {})[param] = ExpertTensor(Path(path), entry, target)
+            _refuse_quantized(key, by_key)
+            for module, param, target in by_key.get(key, ()):
+                for expert, part in _expert_slices(entry, target, modules[module].cfg.n_experts):
+                    tensors.setdefault((module, expert), {})[param] = ExpertTensor(Path(path), part, target)
     first = next(iter(modules.values()))
     store = ExpertStore(tensors, first.expert_shapes(), budget_bytes, first.cfg.dtype, torch.device(first.cfg.device))
     for name, module in modules.items():
         module.offload(store, name)
     store.chain([(name, model.get_submodule(name.rpartition(".")[0]).router) for name in modules])
     return store, set(by_key)
+
+
+def _refuse_quantized(key: str, by_key: dict) -> None:
+    if key.endswith(BLOCKS_SUFFIX) and key.removesuffix(BLOCKS_SUFFIX) in by_key:
+        raise CheckpointError(
+            f"'{key}': this checkpoint stores its routed experts in MXFP4 (blocks + scales), which expert_memory "
+            "cannot stream yet; load it without expert_memory, or save a bfloat16 copy first "
+            "(transformers: from_pretrained(..., dtype=torch.bfloat16) with dequantize, then save_pretrained)"
+        )
+
+
+def _expert_slices(entry: TensorEntry, target: Target, n_experts: int) -> Iterator[tuple[int, TensorEntry]]:
+    """(expert id, where its tensor lies) for a hub tensor of one expert or of all of them stacked."""
+    if target.expert is not None:
+        yield target.expert, entry
+        return
+    if not entry.shape or entry.shape[0] != n_experts:
+        raise CheckpointError(
+            f"'{entry.name}' has shape {entry.shape}: a tensor of all routed experts must be stacked along "
+            f"its first dim ({n_experts} experts)"
+        )
+    size = (entry.end - entry.start) // n_experts
+    for expert in range(n_experts):
+        start = entry.start + expert * size
+        yield expert, entry._replace(shape=entry.shape[1:], start=start, end=start + size, name=f"{entry.name}[{expert}]")

@@ -199,6 +199,13 @@ def checkpoint_dtype(files: list[Path]) -> torch.dtype:
     )
 
 
+def unsupported_dtype(path: str | Path, entry: TensorEntry) -> CheckpointError:
+    return CheckpointError(
+        f"{path}, tensor '{entry.name}': dtype {entry.format_dtype} is not supported for a floating-point "
+        f"parameter; moe_hooked loads {', '.join(LOADABLE_DTYPES)} checkpoints (convert it, e.g. with transformers)"
+    )
+
+
 def read_into(f: BinaryIO, entry: TensorEntry, dest: torch.Tensor) -> None:
     """Read one tensor from an open file into `dest` (same shape as `entry`).
 
@@ -208,10 +215,7 @@ def read_into(f: BinaryIO, entry: TensorEntry, dest: torch.Tensor) -> None:
     floating-point parameter) and a read that comes back short raise `CheckpointError`.
     """
     if entry.dtype is None or (dest.is_floating_point() and entry.format_dtype not in LOADABLE_DTYPES):
-        raise CheckpointError(
-            f"{f.name}, tensor '{entry.name}': dtype {entry.format_dtype} is not supported for a floating-point "
-            f"parameter; moe_hooked loads {', '.join(LOADABLE_DTYPES)} checkpoints (convert it, e.g. with transformers)"
-        )
+        raise unsupported_dtype(f.name, entry)
     f.seek(entry.start)
     if dest.device.type == "cpu" and dest.dtype == entry.dtype and dest.is_contiguous():
         _read_exactly(f, entry, dest.view(-1).view(torch.uint8))
@@ -328,9 +332,11 @@ def stream_weights(
                 continue
             for target in as_targets(names[key]):
                 dest = param_view(params, target)
-                if tuple(dest.shape) != target_shape(target, tensor.shape) or not tensor.readable:
+                if tuple(dest.shape) != target_shape(target, tensor.shape):
                     misshapen.append(f"{key}: {tensor.shape}, expected {tuple(dest.shape)} for {target.param}")
                     continue
+                if not tensor.readable:
+                    raise unsupported_dtype(tensor.path, tensor.entry)
                 read_target(tensor, target, dest)
                 if check_finite and not bool(torch.isfinite(dest).all()):
                     nonfinite.append(f"{key} (in {tensor.path.name})")
