@@ -605,7 +605,8 @@ PAPER = header(
 
         cos(H^{l,1}, H^{l,k}) per layer, averaged over all tokens and over each text's last token
         (the paper's variant): close to 1 means the top-1 expert already sets the direction of the
-        residual stream.
+        residual stream. Two baselines say how much of that the residual alone explains: `u_only`,
+        cos(u, H^{l,k}), and `update`, cos(H^{l,1} - u, H^{l,k} - u), the expert updates themselves.
         """
     ),
     code(
@@ -623,7 +624,10 @@ PAPER = header(
         ## 4. Perplexity vs the number of experts kept
 
         Every MoE layer keeps its top-k' experts (with the router's weights, not renormalised), for
-        k' = 1..k. The figure shows the per-domain min-max normalised log-perplexity, as the paper.
+        k' = 1..k. The figure shows the change in log-perplexity from the unmodified model, with
+        its 95% bootstrap interval over chunks; `perplexity_figure(perplexity,
+        value="normalized_log_ppl")` draws the paper's per-domain min-max normalisation instead,
+        which hides how large the change is and in which direction.
         """
     ),
     code(
