@@ -79,6 +79,11 @@ def _routing_statistics(q: tuple[float, ...]) -> dict:
     return {**{f"experts_for_{level:.0%}": needed(level) for level in q}, "normalized_entropy": entropy}
 
 
+def _strength(rho: float) -> str:
+    """How well a rank correlation lets one quantity predict the other, in words."""
+    return "predicts" if rho >= 0.7 else "partly predicts" if rho >= 0.3 else "hardly predicts"
+
+
 def headline_numbers(n_experts: int, intervals: pd.DataFrame, perplexity: pd.DataFrame,
                      correlation: pd.DataFrame | None) -> list[str]:
     """The summary's sentences, each number with its 95% interval."""
@@ -105,7 +110,7 @@ def headline_numbers(n_experts: int, intervals: pd.DataFrame, perplexity: pd.Dat
             "Routing frequency vs causal importance (attribution), Spearman rank correlation per layer: "
             + ", ".join(f"layer {r.layer} {r.spearman_rho:+.2f}" for r in correlation.itertuples())
             + f" (median {rho.median():+.2f}): how often an expert is picked "
-            + ("predicts" if rho.median() > 0.7 else "only partly predicts") + " how much it matters."
+            + _strength(rho.median()) + " how much it matters."
         )
     lines.append("Intervals in brackets: 95% percentile bootstrap over sequences (chunks), which treats chunks as "
                  "independent draws from each domain.")
