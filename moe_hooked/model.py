@@ -187,16 +187,16 @@ class HookedMoETransformer(TransformerLensWeights, HookedRootModule):
         return (tokens, mask) if return_attention_mask else tokens
 
     def to_string(self, tokens: Int[torch.Tensor, "..."] | Sequence[int]) -> str | list[str]:
-        """Decode a 1-D sequence of ids to a string, or a 2-D batch to a list of strings."""
+        """Decode one id or a 1-D sequence of ids to a string, or a 2-D batch to a list of strings."""
         tokens = torch.as_tensor(tokens)
         if tokens.ndim == 2:
             return [self.to_string(row) for row in tokens]
         return self._require_tokenizer().decode(self._decodable(tokens))
 
     def _decodable(self, tokens: torch.Tensor) -> list[int]:
-        """The ids of a 1-D tensor, checked to lie in the tokenizer's vocabulary (else a ValueError)."""
+        """The ids of a 0-D or 1-D tensor, checked to lie in the tokenizer's vocabulary (else a ValueError)."""
         size = len(self._require_tokenizer())
-        ids = tokens.tolist()
+        ids = tokens.flatten().tolist()
         outside = sorted({i for i in ids if not 0 <= i < size})
         if outside:
             raise ValueError(f"token ids {outside[:10]} lie outside the tokenizer's vocabulary [0, {size}): they decode to nothing")

@@ -41,7 +41,7 @@ def _code_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
 
 def test_demos_folder_holds_exactly_the_generated_notebooks():
     assert sorted(path.name for path in DEMOS.glob("*.ipynb")) == sorted(NAMES)
-    assert len(NAMES) == 4
+    assert len(NAMES) == 5
 
 
 @pytest.mark.parametrize("name", NAMES)

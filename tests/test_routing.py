@@ -19,7 +19,7 @@ from moe_hooked.analysis import (
     top_tokens_per_expert,
 )
 from moe_hooked.data import load_texts
-from moe_hooked.lens import expert_lens, logit_lens, topk_cosine
+from moe_hooked.lens import COSINE_VARIANTS, expert_lens, logit_lens, topk_cosine
 
 DOMAINS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "domains"
 CORPORA = {
@@ -167,7 +167,7 @@ def test_end_to_end_on_the_paper_domains(qwen):
     assert coverage(stats, q=1.0)["n_experts_needed"].le(qwen.cfg.n_experts).all()
     assert routing_entropy(stats)["mean_router_entropy"].between(0, math.log(qwen.cfg.n_experts)).all()
     cosine = topk_cosine(qwen, corpora, max_length=64, batch_size=4, max_tokens=budget, progress=False)
-    assert len(cosine) == len(corpora) * len(stats.layers) * 2
+    assert len(cosine) == len(corpora) * len(stats.layers) * len(COSINE_VARIANTS)
     assert cosine["cosine"].between(-1, 1 + 1e-6).all()
     assert cosine.loc[cosine["variant"] == "all_tokens", "n_tokens"].eq(budget).all()
     vocabulary = top_tokens_per_expert(qwen, corpora["github"], layer=0, max_length=64, max_tokens=budget,

@@ -230,7 +230,8 @@ class ExpertStore:
             if self._free:
                 return self._free.pop()
             if len(self._slots) < self.n_slots:
-                self._slots.append({n: torch.empty(s, dtype=self.dtype, device=self.device) for n, s in self.shapes.items()})
+                with torch.inference_mode(False):  # a slot made during inference must still serve autograd later
+                    self._slots.append({n: torch.empty(s, dtype=self.dtype, device=self.device) for n, s in self.shapes.items()})
                 resident = len(self._slots) * self.slot_bytes
                 self._stats["peak_resident_bytes"] = max(self._stats["peak_resident_bytes"], resident)
                 return len(self._slots) - 1
