@@ -95,8 +95,11 @@ def _minor_faults() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set size: VmHWM of /proc/self/status (not getrusage's
+    ru_maxrss, which Linux keeps across exec, so a child of a big process reports at least
+    its parent's size)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def run_child(args: Sequence[str]) -> dict:

@@ -7,7 +7,7 @@
   this machine's RAM) under a 4 GiB budget: one 512-token forward with `run_with_cache` of every
   MoE hook; peak RSS, tokens/s, bytes read per token.
 
-Each configuration runs in its own process (peak RSS = ru_maxrss). The checkpoint is written
+Each configuration runs in its own process (peak RSS = VmHWM). The checkpoint is written
 first and deleted afterwards; the page cache holds whatever of it the kernel kept (reported).
 
     nice -n 10 python benchmarks/offload.py --model olmoe [--budgets none,4GiB,2GiB,1GiB] [--sizes 1x512,4x512]
