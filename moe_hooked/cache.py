@@ -86,8 +86,19 @@ class MoEActivationCache(ActivationCache):
                 layer += self.model.cfg.n_layers
             key = get_act_name(key[0], layer, *key[2:])
         if isinstance(key, str) and key not in self.cache_dict:
-            raise self._missing(key)
+            key = self._shorthand(key)
         return super().__getitem__(key)
+
+    def _shorthand(self, key: str) -> str:
+        """A cached hook's full name for a shorthand without a layer (e.g. "embed" -> "hook_embed",
+        as TransformerLens's caches and helpers use it), else the error for a missing name."""
+        try:
+            resolved = get_act_name(key)
+        except (HookNameError, ValueError, KeyError):
+            resolved = None
+        if resolved not in self.cache_dict:
+            raise self._missing(key)
+        return resolved
 
     def _missing(self, key: str) -> KeyError:
         if key in self.model.hook_dict:

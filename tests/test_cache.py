@@ -23,6 +23,14 @@ def test_cache_type(run):
     assert isinstance(cache, MoEActivationCache)
 
 
+def test_layerless_shorthands_resolve_as_in_transformer_lens(run):
+    """TransformerLens's helpers read e.g. cache["embed"] (its caches resolve the shorthand)."""
+    _, _, _, cache = run
+    assert torch.equal(cache["embed"], cache["hook_embed"])
+    with pytest.raises(KeyError, match="'embedd'"):
+        cache["embedd"]
+
+
 def test_accumulated_resid_logit_lens_reaches_the_logits(run):
     model, _, logits, cache = run
     resid, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
