@@ -55,6 +55,22 @@ def test_hook_table_shapes_and_invariants(family_model, tokens):
         assert torch.equal(top.sort(-1).values, cache["topk_indices", layer].sort(-1).values)
 
 
+def test_router_route_is_the_blocks_routing(family_model, tokens):
+    """`Router.route` (used by the expert store's read-ahead) chooses what the hooked block chooses."""
+    _, model = family_model
+    layer = model.cfg.moe_layers[-1]
+    block = model.moe_blocks[layer]
+    inputs = []
+    handle = block.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    try:
+        _, cache = model.run_with_cache(tokens)
+    finally:
+        handle.remove()
+    indices, weights = block.router.route(inputs[0], out_dtype=model.cfg.dtype)
+    assert torch.equal(indices, cache["topk_indices", layer])
+    assert torch.equal(weights, cache["topk_weights", layer])
+
+
 def test_interventions(family_model, tokens):
     _, model = family_model
     layer = model.cfg.moe_layers[-1]

@@ -100,7 +100,7 @@ class Attention(nn.Module):
 
     def _pattern_is_hooked(self) -> bool:
         """Whether the pattern must be materialised (hooked, or sinks that the fused kernel lacks)."""
-        return self.cfg.attn_sinks or any(h._forward_hooks or h._backward_hooks for h in (self.hook_attn_scores, self.hook_pattern))
+        return self.cfg.attn_sinks or self.hook_attn_scores.is_hooked or self.hook_pattern.is_hooked
 
     def forward(
         self,

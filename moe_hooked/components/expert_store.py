@@ -187,9 +187,7 @@ class ExpertStore:
             return
         next_name, router = self._next[name]
         with torch.no_grad():
-            logits = router.logits(x)
-            probs = router.probs(logits)
-            indices, _ = router.select(probs, router.selection_scores(logits, probs), out_dtype=x.dtype)
+            indices, _ = router.route(x, out_dtype=x.dtype)
             counts = torch.bincount(indices.flatten(), minlength=router.weight.shape[0])
         order = [int(e) for e in torch.argsort(counts, descending=True, stable=True) if counts[e] > 0]
         with self._cond:

@@ -24,8 +24,13 @@ class MoEHookPoint(HookPoint):
     `HookDtypeError`, each naming the hook.
     """
 
+    @property
+    def is_hooked(self) -> bool:
+        """Whether any forward or backward hook is attached."""
+        return bool(self._forward_hooks or self._backward_hooks)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self._forward_hooks or self._backward_hooks):
+        if not self.is_hooked:
             return x
         out = super().__call__(x)
         if out.shape != x.shape:

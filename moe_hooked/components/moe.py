@@ -79,8 +79,7 @@ class MoEBlock(nn.Module):
         return routed + self.hook_shared_out(self.shared(x))
 
     def _hidden_is_hooked(self) -> bool:
-        hooks = (self.hook_expert_pre, self.hook_expert_pre_linear, self.hook_expert_post)
-        return any(h._forward_hooks or h._backward_hooks for h in hooks)
+        return any(h.is_hooked for h in (self.hook_expert_pre, self.hook_expert_pre_linear, self.hook_expert_post))
 
     def _edit_hidden(self, batch_pos: torch.Size) -> HiddenEdit:
         """The hooks on the experts' hidden activations, as `Experts.forward`'s `edit_hidden`."""

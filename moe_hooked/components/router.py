@@ -45,6 +45,16 @@ class Router(nn.Module):
             return torch.sigmoid(logits.to(dtype))
         return F.softmax(logits, dim=-1, dtype=dtype)
 
+    def route(
+        self, x: Float[torch.Tensor, "... d_model"], out_dtype: torch.dtype
+    ) -> tuple[Int[torch.Tensor, "... k"], Float[torch.Tensor, "... k"]]:
+        """The whole routing of `x` without hook points in between (logits -> probs ->
+        selection scores -> top-k), for code that predicts routing, such as the expert store's
+        read-ahead; the MoE block runs the same steps with a hook point between each."""
+        logits = self.logits(x)
+        probs = self.probs(logits)
+        return self.select(probs, self.selection_scores(logits, probs), out_dtype)
+
     def selection_scores(
         self, logits: Float[torch.Tensor, "... n_experts"], probs: Float[torch.Tensor, "... n_experts"]
     ) -> Float[torch.Tensor, "... n_experts"]:
