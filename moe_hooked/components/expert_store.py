@@ -24,12 +24,13 @@ import torch
 
 from moe_hooked.components.experts import Experts
 from moe_hooked.loading.checkpoint import (
+    Fill,
     TensorEntry,
     as_targets,
-    hub_view,
+    fill_from,
+    is_plain,
     read_header,
     read_into,
-    read_tensor,
     target_shape,
 )
 from moe_hooked.loading.mxfp4 import BLOCKS_SUFFIX
@@ -265,17 +266,20 @@ class ExpertStore:
 
     # ------------------------------------------------------------------ reading
     def _read(self, key: Key, dest: dict[str, torch.Tensor]) -> None:
+        """Read expert `key` into the slot `dest`, each byte range once (gpt-oss's fused gate_up
+        fills two parameters from one range)."""
+        fills: dict[tuple[Path, TensorEntry], list[Fill]] = {}
         for param, tensor in self.tensors[key].items():
-            self._check_unchanged(tensor.path)
-            f = self._file(tensor.path)
-            if tensor.target.interleave is not None or tensor.target.transpose:  # a view of a fused hub tensor
-                dest[param].copy_(hub_view(tensor.target, read_tensor(f, tensor.entry)))
-            elif self.device.type == "cuda":
-                self._read_via_staging(f, tensor.entry, dest[param])
+            fills.setdefault((tensor.path, tensor.entry), []).append((tensor.target, dest[param]))
+        for (path, entry), entry_fills in fills.items():
+            self._check_unchanged(path)
+            f = self._file(path)
+            if self.device.type == "cuda" and len(entry_fills) == 1 and is_plain(entry_fills[0][0]):
+                self._read_via_staging(f, entry, entry_fills[0][1])
             else:
-                read_into(f, tensor.entry, dest[param])
+                fill_from(f, entry, entry_fills)
             with self._cond:
-                self._stats["bytes_read"] += tensor.entry.end - tensor.entry.start
+                self._stats["bytes_read"] += entry.end - entry.start
 
     def _read_via_staging(self, f, entry: TensorEntry, dest: torch.Tensor) -> None:
         """GPU: read into this thread's pinned host buffer, copy on this thread's CUDA stream.

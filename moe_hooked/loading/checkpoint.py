@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -275,18 +275,40 @@ def target_shape(target: Target, hub_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(hub_view(target, torch.empty(hub_shape, device="meta")).shape)
 
 
-def read_target(tensor: HubTensor, target: Target, dest: torch.Tensor) -> None:
-    """Fill `dest` (our parameter, or one expert of it) from a hub tensor through `target`'s
-    view: the one per-tensor read path (plain, de-interleaved/transposed, MXFP4-dequantized)."""
+Fill = tuple[Target, torch.Tensor]
+"""A target and its destination (our parameter, or one expert of it)."""
+
+
+def read_targets(tensor: HubTensor, fills: Sequence[Fill]) -> None:
+    """Fill every destination of `fills` from one hub tensor, read (and MXFP4-dequantized) once:
+    the one per-tensor read path of loading (see `fill_from`)."""
     with open(tensor.path, "rb") as f:
-        if tensor.scales is None and target.interleave is None and not target.transpose:
-            read_into(f, tensor.entry, dest)
+        if tensor.scales is None:
+            fill_from(f, tensor.entry, fills)
             return
-        hub = read_tensor(f, tensor.entry)
-    if tensor.scales is not None:
-        with open(tensor.scales[0], "rb") as f:
-            hub = mxfp4.dequantize(hub, read_tensor(f, tensor.scales[1]))
-    dest.copy_(hub_view(target, hub))
+        blocks = read_tensor(f, tensor.entry)
+    with open(tensor.scales[0], "rb") as f:
+        _copy_views(mxfp4.dequantize(blocks, read_tensor(f, tensor.scales[1])), fills)
+
+
+def fill_from(f: BinaryIO, entry: TensorEntry, fills: Sequence[Fill]) -> None:
+    """Fill every destination of `fills` from tensor `entry` of the open file `f`, read once: a
+    single plain target is read straight into its destination, otherwise the tensor is read
+    whole and copied through each target's view (de-interleaved, transposed)."""
+    if len(fills) == 1 and is_plain(fills[0][0]):
+        read_into(f, entry, fills[0][1])
+        return
+    _copy_views(read_tensor(f, entry), fills)
+
+
+def is_plain(target: Target) -> bool:
+    """Whether `target` takes the hub tensor as it is (no de-interleaving, no transpose)."""
+    return target.interleave is None and not target.transpose
+
+
+def _copy_views(hub: torch.Tensor, fills: Sequence[Fill]) -> None:
+    for target, dest in fills:
+        dest.copy_(hub_view(target, hub))
 
 
 def param_view(params: dict[str, torch.Tensor], target: Target) -> torch.Tensor:
@@ -330,16 +352,16 @@ def stream_weights(
             seen.add(key)
             if key in offloaded:
                 continue
-            for target in as_targets(names[key]):
-                dest = param_view(params, target)
-                if tuple(dest.shape) != target_shape(target, tensor.shape):
-                    misshapen.append(f"{key}: {tensor.shape}, expected {tuple(dest.shape)} for {target.param}")
-                    continue
-                if not tensor.readable:
-                    raise unsupported_dtype(tensor.path, tensor.entry)
-                read_target(tensor, target, dest)
-                if check_finite and not bool(torch.isfinite(dest).all()):
-                    nonfinite.append(f"{key} (in {tensor.path.name})")
+            fills = [(target, param_view(params, target)) for target in as_targets(names[key])]
+            wrong = [(t, d) for t, d in fills if tuple(d.shape) != target_shape(t, tensor.shape)]
+            misshapen += [f"{key}: {tensor.shape}, expected {tuple(d.shape)} for {t.param}" for t, d in wrong]
+            if wrong:
+                continue
+            if not tensor.readable:
+                raise unsupported_dtype(tensor.path, tensor.entry)
+            read_targets(tensor, fills)
+            if check_finite and not all(bool(torch.isfinite(dest).all()) for _, dest in fills):
+                nonfinite.append(f"{key} (in {tensor.path.name})")
     _raise_problems(files[0].parent, sorted(names.keys() - seen), unexpected, misshapen)
     if nonfinite:
         raise CheckpointError(
