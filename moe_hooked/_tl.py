@@ -9,8 +9,8 @@ bridged here, so that the rest of the package imports from this module only.
 
 from __future__ import annotations
 
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
-from transformer_lens.utilities import get_act_name
+from transformer_lens.utilities import Slice, get_act_name
 
-__all__ = ["ActivationCache", "HookPoint", "HookedRootModule", "get_act_name"]
+__all__ = ["ActivationCache", "FactoredMatrix", "HookPoint", "HookedRootModule", "Slice", "get_act_name"]

@@ -21,19 +21,15 @@ from __future__ import annotations
 import einops
 import torch
 from jaxtyping import Float
-from transformer_lens import ActivationCache
-from transformer_lens.utilities import Slice
-
+from moe_hooked._tl import ActivationCache, Slice
 from moe_hooked.hook_names import get_act_name
 
 __all__ = ["decompose_resid_by_expert", "expert_output", "stack_neuron_results"]
 
 
 def _cached(cache: ActivationCache, name: str, layer: int | None = None) -> torch.Tensor:
-    key = name if layer is None else get_act_name(name, layer)
-    if key not in cache.cache_dict:
-        raise ValueError(f"the cache has no '{key}': run run_with_cache without a names_filter that drops it")
-    return cache.cache_dict[key]
+    """One cached activation: a shorthand at `layer`, or a full hook name (`layer=None`)."""
+    return cache.activations(layer, [name], "per-expert attribution")[0]
 
 
 def _pos_dim(cache: ActivationCache) -> int:

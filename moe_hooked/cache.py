@@ -30,15 +30,16 @@ def _cache_dict(cache: ActivationCache | Mapping[str, torch.Tensor]) -> Mapping[
 
 
 def cached_activations(
-    cache: ActivationCache | Mapping[str, torch.Tensor], layer: int, names: Sequence[str], what: str
+    cache: ActivationCache | Mapping[str, torch.Tensor], layer: int | None, names: Sequence[str], what: str
 ) -> list[torch.Tensor]:
     """The activations of hooks `names` (shorthands such as "topk_weights", "resid_mid") at
-    `layer`, from an `ActivationCache` or a dict keyed by full hook name.
+    `layer`, or with `layer=None` of hooks named in full ("hook_embed", "blocks.0.hook_attn_out"),
+    from an `ActivationCache` or a dict keyed by full hook name.
 
     Raises :class:`MissingActivationError` naming every missing hook and `what` needs them.
     """
     cache_dict = _cache_dict(cache)
-    keys = [get_act_name(name, layer) for name in names]
+    keys = list(names) if layer is None else [get_act_name(name, layer) for name in names]
     missing = [key for key in keys if key not in cache_dict]
     if missing:
         raise MissingActivationError(
@@ -121,7 +122,7 @@ class MoEActivationCache(ActivationCache):
             )
         return torch.stack([self[activation_name, moe_layer] for moe_layer in layers])
 
-    def activations(self, layer: int, names: Sequence[str], what: str = "this analysis") -> list[torch.Tensor]:
+    def activations(self, layer: int | None, names: Sequence[str], what: str = "this analysis") -> list[torch.Tensor]:
         """`cached_activations(self, layer, names, what)`."""
         return cached_activations(self, layer, names, what)
 

@@ -53,8 +53,7 @@ from moe_hooked.corpus import all_reduce_sums, check_same_inputs, corpus_batches
 from moe_hooked.hook_names import get_act_name
 
 if TYPE_CHECKING:
-    from transformer_lens import ActivationCache
-
+    from moe_hooked._tl import ActivationCache
     from moe_hooked.model import HookedMoETransformer
 
 HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]

@@ -36,8 +36,7 @@ from moe_hooked.corpus import corpus_batches, gather_by_batch, shared_failures
 from moe_hooked.hook_names import get_act_name
 
 if TYPE_CHECKING:
-    from transformer_lens import ActivationCache
-
+    from moe_hooked._tl import ActivationCache
     from moe_hooked.model import HookedMoETransformer
 
 __all__ = [

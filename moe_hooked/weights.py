@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 from jaxtyping import Float
-from transformer_lens import FactoredMatrix
+
+from moe_hooked._tl import FactoredMatrix
 
 
 class TransformerLensWeights:
