@@ -13,6 +13,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from moe_hooked import generation
+from moe_hooked._malloc import keep_freed_memory
 from moe_hooked._tl import HookedRootModule
 from moe_hooked.cache import MoEActivationCache
 from moe_hooked.components import Embed, MoEBlock, MoEHookPoint, RMSNormPre, TransformerBlock, Unembed
@@ -51,6 +52,7 @@ class HookedMoETransformer(TransformerLensWeights, HookedRootModule):
         self.expert_store: ExpertStore | None = None
         """Where the routed experts live when loaded with `expert_memory` (else None)."""
         self.setup()
+        keep_freed_memory()  # caches reuse freed memory instead of faulting it in again (see moe_hooked/_malloc.py)
 
     def setup(self) -> None:
         """As TransformerLens; an unknown hook name then raises `HookNameError` with suggestions."""

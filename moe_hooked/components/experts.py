@@ -134,45 +134,43 @@ class Experts(nn.Module):
         self._check_range(indices)
         d_model, d_expert = self.cfg.d_model, self.cfg.d_expert
         if edit_hidden is None:
-            return self._per_slot(self.expert, x, indices, weights, d_model)
-        both = self._per_slot(lambda e, rows: torch.cat(self.hidden(e, rows), -1), x, indices, weights, 2 * d_expert)
-        post = edit_hidden(*both.chunk(2, dim=-1))
-        return self._per_slot(self.down, post, indices, weights, d_model, per_slot_input=True)
+            return self._per_slot(lambda e, rows: (self.expert(e, rows),), x, indices, weights, (d_model,))[0]
+        pre, pre_linear = self._per_slot(self.hidden, x, indices, weights, (d_expert, d_expert))
+        post = edit_hidden(pre, pre_linear)
+        return self._per_slot(lambda e, rows: (self.down(e, rows),), post, indices, weights, (d_model,), True)[0]
 
     def _per_slot(
         self,
-        fn: Callable[[int, torch.Tensor], torch.Tensor],
+        fn: Callable[[int, torch.Tensor], tuple[torch.Tensor, ...]],
         x: Float[torch.Tensor, "n d_in"] | Float[torch.Tensor, "n k d_in"],
         indices: Int[torch.Tensor, "n k"],
         weights: Float[torch.Tensor, "n k"],
-        d_out: int,
+        d_outs: tuple[int, ...],
         per_slot_input: bool = False,
-    ) -> Float[torch.Tensor, "n k d_out"]:
-        """`fn(e, rows)` -> [rows d_out] on the rows of every slot whose weight is nonzero,
-        grouped by expert; zeros in the other slots. The rows are `x`'s token rows, or with
-        `per_slot_input` the slot rows of `x` [n k d_in]."""
+    ) -> tuple[Float[torch.Tensor, "n k d_out"], ...]:
+        """`fn(e, rows)` -> one [rows d_out] tensor per entry of `d_outs`, on the rows of every
+        slot whose weight is nonzero, grouped by expert; zeros in the other slots. The rows are
+        `x`'s token rows, or with `per_slot_input` the slot rows of `x` [n k d_in]. Each expert's
+        results are copied straight into their slots of the outputs."""
         n, k = indices.shape
         active = (weights != 0).flatten().nonzero().squeeze(1)  # flat slot ids
         expert_of_slot = indices.flatten()[active]
-        order = torch.argsort(expert_of_slot, stable=True)
-        slots = active[order]
+        slots = active[torch.argsort(expert_of_slot, stable=True)]
         counts = torch.bincount(expert_of_slot, minlength=self.cfg.n_experts).tolist()
-        grouped_in = x.flatten(0, 1)[slots] if per_slot_input else x[slots // k]
-        rows = dict(enumerate(grouped_in.split(counts)))
+        grouped_in = x.flatten(0, 1).index_select(0, slots) if per_slot_input else x.index_select(0, slots // k)
+        rows, slots_of = dict(enumerate(grouped_in.split(counts))), dict(enumerate(slots.split(counts)))
         used = [e for e, count in enumerate(counts) if count]  # experts with no non-zero weight are never read
-        outs = {}
+        new = x.new_empty if slots.numel() == n * k else x.new_zeros
+        outs = tuple(new(n * k, d_out) for d_out in d_outs)
         groups = self._groups(used)
         for group in groups:
             with self._resident(group):
                 if self.store is not None and len(groups) == 1 and not per_slot_input:  # room beside this layer
                     self.store.prefetch_next(self.store_name, x)
-                outs |= {e: fn(e, rows[e]) for e in group}
-        grouped_out = torch.cat([outs[e] for e in used]) if used else grouped_in.new_zeros(0, d_out)
-        if slots.numel() == n * k:  # every slot computed: undo the sort with one gather
-            return grouped_out[torch.argsort(slots)].view(n, k, -1)
-        out = grouped_out.new_zeros(n * k, grouped_out.shape[-1])
-        out[slots] = grouped_out
-        return out.view(n, k, -1)
+                for e in group:
+                    for out, result in zip(outs, fn(e, rows[e])):
+                        out.index_copy_(0, slots_of[e], result)
+        return tuple(out.view(n, k, -1) for out in outs)
 
     def forward_all(self, x: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n n_experts d_model"]:
         """Every expert on every token (memory: n * n_experts * d_model values)."""
