@@ -11,7 +11,8 @@ MLP weights are per block, in TransformerLens's [in, out] layout: a dense block'
 `blocks[l].mlp.W_in`, `W_gate` [d_model d_mlp] and `W_out` [d_mlp d_model] (likewise the shared
 expert, `blocks[l].mlp.shared_expert`); the routed experts' `blocks[l].mlp.experts.W_in`,
 `W_gate_in` [n_experts d_model d_expert] and `W_out` [n_experts d_expert d_model] (views of the
-hub-layout parameters `W_up`, `W_gate`, `W_down`).
+hub-layout parameters `W_up`, `W_gate`, `W_down`). A model loaded with `expert_memory` has no
+stacked expert weights: `blocks[l].mlp.experts.expert_weights(e)` reads one expert's.
 """
 
 from __future__ import annotations

@@ -14,12 +14,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+
 import torch
 from deepseek_reference import build_reference, deepseek_config, write_checkpoint
 from deepseek_v2_models import YARN, build_deepseek, deepseek_v2_config, deepseek_v3_config
 from hf_models import BASE, build_hf, olmoe_config, qwen2_moe_config, save_hf
+from safetensors.torch import load_file, save_file
 from tiny import tiny_tokenizer
 from transformers import GptOssConfig, MixtralConfig, Qwen3MoeConfig
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from moe_hooked import HookedMoETransformer
 
@@ -55,6 +59,37 @@ def gpt_oss_config(**overrides) -> GptOssConfig:
         sliding_window=4, rope_parameters=yarn, swiglu_limit=0.15,
     )
     return GptOssConfig(**(kwargs | overrides))
+
+
+def random_mxfp4(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks [..., groups, 16] of random FP4 codes and scales [..., groups] around 2**-4."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (*shape, 16), dtype=torch.uint8, generator=generator)
+    scales = torch.randint(127 - 7, 127 - 2, shape, dtype=torch.uint8, generator=generator)
+    return blocks, scales
+
+
+def save_mxfp4_gpt_oss(folder: Path, seed: int = 0) -> torch.nn.Module:
+    """A tiny gpt-oss saved as the official checkpoints are: `gate_up_proj` and `down_proj` in MXFP4
+    (`*_blocks` + `*_scales` of random codes), config with `quantization_config`. Returns the HF
+    reference holding transformers' dequantization of the same blocks."""
+    hf = build_hf(gpt_oss_config(intermediate_size=32, swiglu_limit=7.0), seed)  # MXFP4 groups: dims multiple of 32
+    save_hf(hf, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for layer, decoder_layer in enumerate(hf.model.layers):
+        experts = decoder_layer.mlp.experts
+        for i, (name, param) in enumerate((("gate_up_proj", experts.gate_up_proj), ("down_proj", experts.down_proj))):
+            n_experts, d_in, d_out = param.shape
+            blocks, scales = random_mxfp4((n_experts, d_out, d_in // 32), seed=100 * seed + 10 * layer + i)
+            with torch.no_grad():
+                param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+            key = f"model.layers.{layer}.mlp.experts.{name}"
+            del tensors[key]
+            tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(raw | {"quantization_config": {"quant_method": "mxfp4"}}))
+    return hf
 
 
 FAMILIES: dict[str, Family] = {

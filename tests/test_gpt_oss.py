@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-from families import gpt_oss_config
+from families import gpt_oss_config, random_mxfp4, save_mxfp4_gpt_oss
 from hf_models import build_hf, save_hf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
@@ -39,14 +39,6 @@ def test_clamped_swiglu_matches_transformers_on_interleaved_columns():
     assert torch.equal(experts._apply_gate(gate_up), clamped_swiglu(gate_up[:, 0::2], gate_up[:, 1::2], 0.7, 1.3))
 
 
-def random_mxfp4(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks [..., groups, 16] of random FP4 codes and scales [..., groups] around 2**-4."""
-    generator = torch.Generator().manual_seed(seed)
-    blocks = torch.randint(0, 256, (*shape, 16), dtype=torch.uint8, generator=generator)
-    scales = torch.randint(127 - 7, 127 - 2, shape, dtype=torch.uint8, generator=generator)
-    return blocks, scales
-
-
 def test_mxfp4_dequantization_matches_transformers():
     blocks, scales = random_mxfp4((3, 10, 2), seed=0)
     ours = mxfp4.dequantize(blocks, scales)
@@ -57,24 +49,8 @@ def test_mxfp4_dequantization_matches_transformers():
 def test_mxfp4_checkpoint_streams_dequantized_experts(tmp_path):
     """An MXFP4 checkpoint (gate_up_proj / down_proj as *_blocks + *_scales) gives the logits of
     the HF model holding transformers' dequantization of the same blocks."""
-    config = gpt_oss_config(intermediate_size=32, swiglu_limit=7.0)  # MXFP4 groups: dims multiple of 32
-    hf = build_hf(config)
-    folder = save_hf(hf, tmp_path / "mxfp4")
-    tensors = load_file(folder / "model.safetensors")
-    for layer, decoder_layer in enumerate(hf.model.layers):
-        experts = decoder_layer.mlp.experts
-        for i, (name, param) in enumerate((("gate_up_proj", experts.gate_up_proj), ("down_proj", experts.down_proj))):
-            n_experts, d_in, d_out = param.shape
-            blocks, scales = random_mxfp4((n_experts, d_out, d_in // 32), seed=10 * layer + i)
-            with torch.no_grad():
-                param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
-            key = f"model.layers.{layer}.mlp.experts.{name}"
-            del tensors[key]
-            tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    raw = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(raw | {"quantization_config": {"quant_method": "mxfp4"}}))
-    ours = HookedMoETransformer.from_pretrained(folder)
+    hf = save_mxfp4_gpt_oss(tmp_path)
+    ours = HookedMoETransformer.from_pretrained(tmp_path)
     tokens = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max() <= 1e-4

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from deepseek_reference import build_reference, deepseek_config, write_checkpoint
+from families import save_mxfp4_gpt_oss
 from hf_models import build_hf, olmoe_config, qwen2_moe_config, save_hf
+from safetensors.torch import load_file, save_file
 from tiny import tiny_tokenizer
 
 from moe_hooked import CheckpointError, HookedMoETransformer
@@ -40,8 +42,10 @@ def write_deepseek(folder):  # layer 0 dense, shared experts, two shards
     write_checkpoint(build_reference(config), config, folder, n_shards=2)
 
 
-FAMILIES = {"olmoe": write_olmoe, "qwen2_moe": write_qwen2_moe, "deepseek": write_deepseek}
-"""Checkpoint writers of every supported family: a new family adds one entry."""
+FAMILIES = {"olmoe": write_olmoe, "qwen2_moe": write_qwen2_moe, "deepseek": write_deepseek, "gpt_oss_mxfp4": save_mxfp4_gpt_oss}
+"""Checkpoint writers of every kind of expert storage: one tensor per expert (olmoe, qwen2_moe,
+deepseek, sharded), and all experts stacked in fused MXFP4 tensors with stacked biases (gpt-oss's
+official layout). Every family's plain layout is also checked in `test_all_families.py`."""
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -59,8 +63,20 @@ def olmoe_checkpoint(tmp_path_factory):
 
 
 def expert_bytes(model: HookedMoETransformer) -> int:
+    """Bytes of one expert's weights (and biases) in the model's dtype, from the in-memory `model`."""
     experts = next(iter(model.moe_blocks.values())).experts
-    return sum(getattr(experts, p)[0].numel() for p in experts.PARAMS) * model.cfg.dtype.itemsize
+    return sum(getattr(experts, p)[0].numel() for p in experts.param_names) * model.cfg.dtype.itemsize
+
+
+def stored_expert_bytes(folder: Path, model: HookedMoETransformer) -> int:
+    """Bytes of one routed expert in the checkpoint files (MXFP4: its blocks and scales), from the
+    safetensors headers: all routed-expert tensors' bytes over the number of (layer, expert) pairs."""
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        total += sum(info["data_offsets"][1] - info["data_offsets"][0] for key, info in header.items() if ".experts." in key)
+    return total // (len(model.cfg.moe_layers) * model.cfg.n_experts)
 
 
 def tokens_and_mask(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,9 +119,10 @@ def test_offloaded_equals_in_memory(checkpoint, n_resident):
     for _ in range(2):  # cold, then with experts resident from the first pass
         assert_same_run(reference, offloaded)
     stats = offloaded.expert_memory_stats()
-    assert stats["budget_bytes"] == budget
+    assert stats["budget_bytes"] == budget and stats["slot_bytes"] == size  # slots hold experts as used (dequantized)
     assert 0 < stats["peak_resident_bytes"] <= budget
-    assert stats["misses"] > 0 and stats["bytes_read"] >= stats["misses"] * size
+    assert stats["misses"] > 0
+    assert stats["bytes_read"] == (stats["misses"] + stats["prefetched"]) * stored_expert_bytes(checkpoint, reference)
     if n_resident is None:  # the second pass found every expert resident
         assert stats["hits"] >= stats["misses"]
 
@@ -134,11 +151,11 @@ def test_all_experts_under_a_budget(checkpoint):
     assert offloaded.expert_memory_stats()["peak_resident_bytes"] <= 3 * expert_bytes(reference)
 
 
-def test_dtype_conversion(olmoe_checkpoint):
-    """A float32 checkpoint loaded as bfloat16: the store converts like the in-memory loader."""
-    reference = HookedMoETransformer.from_pretrained(olmoe_checkpoint, dtype="bfloat16")
+def test_dtype_conversion(checkpoint):
+    """A float32 (or MXFP4) checkpoint loaded as bfloat16: the store converts like the in-memory loader."""
+    reference = HookedMoETransformer.from_pretrained(checkpoint, dtype="bfloat16")
     budget = expert_bytes(reference) + 100  # one bfloat16 expert resident at a time
-    offloaded = HookedMoETransformer.from_pretrained(olmoe_checkpoint, dtype="bfloat16", expert_memory=budget)
+    offloaded = HookedMoETransformer.from_pretrained(checkpoint, dtype="bfloat16", expert_memory=budget)
     assert offloaded.expert_memory_stats()["n_slots"] == 1
     assert_same_run(reference, offloaded)
 
@@ -233,14 +250,48 @@ def test_budget_smaller_than_one_expert_names_the_minimum(olmoe_checkpoint):
         HookedMoETransformer.from_pretrained(olmoe_checkpoint, expert_memory=size - 1)
 
 
-def test_file_changed_on_disk_after_loading(tmp_path):
+@pytest.mark.parametrize("change", ["mtime", "size"])
+def test_file_changed_on_disk_after_loading(tmp_path, change):
     write_olmoe(tmp_path)
     model = HookedMoETransformer.from_pretrained(tmp_path, expert_memory="1GiB")
     weights = tmp_path / "model.safetensors"
     stat = weights.stat()
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    if change == "size":  # bytes appended, modification time put back
+        with open(weights, "ab") as f:
+            f.write(bytes(8))
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    else:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     with pytest.raises(CheckpointError, match="changed on disk after the model was loaded"):
         model(tokens_and_mask()[0])
+    with pytest.raises(CheckpointError, match="changed on disk after the model was loaded"):
+        model.blocks[0].mlp.experts.expert_weights(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int32])
+def test_expert_dtype_that_cannot_be_streamed_is_refused_at_load(tmp_path, dtype):
+    """Refused by from_pretrained, as the in-memory load refuses it, not at the first forward pass."""
+    write_olmoe(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+    tensors[key] = tensors[key].to(dtype)
+    save_file(tensors, weights)
+    for budget in (None, "1GiB"):
+        with pytest.raises(CheckpointError, match=rf"tensor '{key}': dtype \w+ is not supported"):
+            HookedMoETransformer.from_pretrained(tmp_path, expert_memory=budget)
+
+
+def test_mismatched_mxfp4_scales_are_refused_at_load(tmp_path):
+    save_mxfp4_gpt_oss(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    key = "model.layers.0.mlp.experts.down_proj_scales"
+    tensors[key] = tensors[key][..., :-1].contiguous()
+    save_file(tensors, weights)
+    for budget in (None, "1GiB"):
+        with pytest.raises(CheckpointError, match="MXFP4 blocks U8 .* and scales U8 .* do not fit together"):
+            HookedMoETransformer.from_pretrained(tmp_path, expert_memory=budget)
 
 
 def test_expert_tensor_neither_per_expert_nor_stacked_is_refused(olmoe_checkpoint, monkeypatch):
@@ -261,6 +312,48 @@ def test_expert_tensor_neither_per_expert_nor_stacked_is_refused(olmoe_checkpoin
 def test_stats_of_an_in_memory_model_are_refused(olmoe_checkpoint):
     with pytest.raises(ValueError, match="expert_memory"):
         HookedMoETransformer.from_pretrained(olmoe_checkpoint).expert_memory_stats()
+
+
+# ----------------------------------------------------------------------------- one expert's weights
+def test_expert_weights_equal_the_stacked_slices(checkpoint):
+    """`expert_weights(e)`: the in-memory stacked slice, in memory and offloaded (read outside any
+    forward pass, under a one-expert budget, counted in the statistics); copies either way."""
+    reference = HookedMoETransformer.from_pretrained(checkpoint)
+    offloaded = offloaded_without_prefetch(checkpoint, expert_bytes(reference))
+    for layer in reference.cfg.moe_layers:
+        stacked = reference.blocks[layer].mlp.experts
+        for e in (0, reference.cfg.n_experts - 1):
+            expected = {name: getattr(stacked, name)[e] for name in stacked.param_names}
+            for model in (reference, offloaded):
+                weights = model.blocks[layer].mlp.experts.expert_weights(e)
+                assert weights.keys() == expected.keys()
+                for name, tensor in weights.items():
+                    assert torch.equal(tensor, expected[name]), (layer, e, name)
+                    tensor.zero_()
+            assert torch.equal(stacked.W_in[e], offloaded.blocks[layer].mlp.experts.expert_weights(e)["W_up"].T)
+    stats = offloaded.expert_memory_stats()
+    n_read = 2 * len(reference.cfg.moe_layers)  # each expert read once, then found resident for the W_in check
+    assert stats["misses"] == stats["hits"] == n_read and stats["bytes_read"] == n_read * stored_expert_bytes(checkpoint, reference)
+    assert stats["peak_resident_bytes"] == stats["slot_bytes"]
+    assert_same_run(reference, offloaded)  # the zeroed copies changed neither model
+
+
+@pytest.mark.parametrize("bad", [-1, 8, 2.0, True, "0"])
+def test_expert_weights_of_a_missing_expert_is_refused(olmoe_checkpoint, bad):
+    model = HookedMoETransformer.from_pretrained(olmoe_checkpoint)
+    with pytest.raises(ValueError, match=r"valid ids are the integers 0\.\.7"):
+        model.blocks[0].mlp.experts.expert_weights(bad)
+
+
+@pytest.mark.parametrize("name", ["W_in", "W_gate_in", "W_out", "W_gate", "W_up", "W_down"])
+def test_stacked_weights_of_offloaded_experts_say_how_to_read_one(olmoe_checkpoint, name):
+    experts = HookedMoETransformer.from_pretrained(olmoe_checkpoint, expert_memory="1GiB").blocks[1].mlp.experts
+    with pytest.raises(AttributeError, match=rf"blocks\.1\.mlp\.experts\.{name}: the routed experts of this model "
+                       r"are offloaded \(loaded with expert_memory=\.\.\.\).*blocks\.1\.mlp\.experts\.expert_weights\(e\)"):
+        getattr(experts, name)
+    assert not hasattr(experts, name)
+    with pytest.raises(AttributeError, match="has no attribute 'W_nonexistent'"):
+        experts.W_nonexistent
 
 
 # ----------------------------------------------------------------------------- peak RSS, in a subprocess

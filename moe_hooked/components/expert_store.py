@@ -6,6 +6,12 @@ weights resident on the model's device in fixed-size slots (allocated once, reus
 the least recently used expert when it needs a slot, and reads a missing expert with positioned
 reads of exactly its tensors' byte ranges (the per-tensor reader of `stream_weights`; no
 memory map). A background thread prefetches the experts the next MoE layer will probably need.
+
+The budget counts the slots: each holds one expert's weights in the model's dtype, as used
+(MXFP4 experts dequantized). It does not count the transient buffers of a read in progress, one
+set per reading thread (the forward pass and the read-ahead): an expert tensor's stored bytes
+(MXFP4 blocks and scales, reused from read to read), and, for MXFP4 or fused tensors, its
+float32 values and the dequantization's temporaries while they are copied into the slot.
 """
 
 from __future__ import annotations
@@ -25,15 +31,16 @@ import torch
 from moe_hooked.components.experts import Experts
 from moe_hooked.loading.checkpoint import (
     Fill,
+    HubTensor,
+    ReadBuffers,
     TensorEntry,
     as_targets,
-    fill_from,
+    index_tensors,
     is_plain,
-    read_header,
     read_into,
+    read_targets,
     target_shape,
 )
-from moe_hooked.loading.mxfp4 import BLOCKS_SUFFIX
 from moe_hooked.loading.errors import CheckpointError
 from moe_hooked.loading.llama_like import Target
 
@@ -72,10 +79,10 @@ def format_bytes(n: int) -> str:
 
 
 class ExpertTensor(NamedTuple):
-    """One routed-expert tensor in the checkpoint: its file, byte range and weight-map target."""
+    """One routed-expert tensor in the checkpoint (its file and byte range; for MXFP4 those of
+    its blocks and scales) and the weight-map target it fills."""
 
-    path: Path
-    entry: TensorEntry
+    hub: HubTensor
     target: Target
 
 
@@ -113,7 +120,7 @@ class ExpertStore:
         self.budget_bytes, self.n_slots = budget_bytes, budget_bytes // self.slot_bytes
         self.prefetch_enabled = True
         self._check_tensors()
-        self._file_state = {path: _file_state(path) for path in {t.path for ts in tensors.values() for t in ts.values()}}
+        self._file_state = {path: _file_state(path) for ts in tensors.values() for t in ts.values() for path in t.hub.paths}
         self._slots: list[dict[str, torch.Tensor]] = []
         self._slot_of: OrderedDict[Key, int] = OrderedDict()  # resident experts, least recently used first
         self._free: list[int] = []  # allocated slots that hold no expert (a read failed)
@@ -267,31 +274,36 @@ class ExpertStore:
     # ------------------------------------------------------------------ reading
     def _read(self, key: Key, dest: dict[str, torch.Tensor]) -> None:
         """Read expert `key` into the slot `dest`, each byte range once (gpt-oss's fused gate_up
-        fills two parameters from one range)."""
-        fills: dict[tuple[Path, TensorEntry], list[Fill]] = {}
+        fills two parameters from one range) and MXFP4 dequantized into the slot."""
+        fills: dict[HubTensor, list[Fill]] = {}
         for param, tensor in self.tensors[key].items():
-            fills.setdefault((tensor.path, tensor.entry), []).append((tensor.target, dest[param]))
-        for (path, entry), entry_fills in fills.items():
-            self._check_unchanged(path)
-            f = self._file(path)
-            if self.device.type == "cuda" and len(entry_fills) == 1 and is_plain(entry_fills[0][0]):
-                self._read_via_staging(f, entry, entry_fills[0][1])
+            fills.setdefault(tensor.hub, []).append((tensor.target, dest[param]))
+        for hub, hub_fills in fills.items():
+            for path in hub.paths:
+                self._check_unchanged(path)
+            if self.device.type == "cuda" and hub.scales is None and len(hub_fills) == 1 and is_plain(hub_fills[0][0]):
+                self._read_via_staging(self._file(hub.path), hub.entry, hub_fills[0][1])
             else:
-                fill_from(f, entry, entry_fills)
+                read_targets(hub, hub_fills, self._file, self._buffers(pinned=False))
             with self._cond:
-                self._stats["bytes_read"] += entry.end - entry.start
+                self._stats["bytes_read"] += hub.nbytes
+
+    def _buffers(self, pinned: bool) -> ReadBuffers:
+        """This thread's reused read buffers (pinned host memory for the GPU's staging copies)."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        if pinned not in buffers:
+            buffers[pinned] = ReadBuffers(pin_memory=pinned)
+        return buffers[pinned]
 
     def _read_via_staging(self, f, entry: TensorEntry, dest: torch.Tensor) -> None:
         """GPU: read into this thread's pinned host buffer, copy on this thread's CUDA stream.
 
         Not exercised by the test suite (no GPU there); `benchmarks/gpu_check.py` runs it.
         """
-        nbytes = entry.end - entry.start
-        staging = getattr(self._local, "staging", None)
-        if staging is None or staging.numel() < nbytes:
-            staging = self._local.staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        staging = self._buffers(pinned=True).take("staging", entry.end - entry.start)
+        if not hasattr(self._local, "stream"):
             self._local.stream = torch.cuda.Stream(self.device)
-        view = staging[:nbytes].view(entry.dtype).view(entry.shape)
+        view = staging.view(entry.dtype).view(entry.shape)
         read_into(f, entry, view)
         # kernels queued on the default stream may still read the evicted expert that `dest` held
         self._local.stream.wait_stream(torch.cuda.default_stream(self.device))
@@ -315,11 +327,16 @@ class ExpertStore:
             )
 
     def _check_tensors(self) -> None:
+        """Every expert tensor has its parameter's shape and a dtype the store can read (checked
+        now, so that a checkpoint that cannot be streamed is refused at loading, not mid-forward)."""
+        for ts in self.tensors.values():
+            for t in ts.values():
+                t.hub.check_loadable()
         bad = [
-            f"{t.target.param}[{key[1]}] ({t.path.name}): {t.entry.shape}, expected {self.shapes[param]}"
+            f"{t.target.param}[{key[1]}] ({t.hub.path.name}): {t.hub.shape}, expected {self.shapes[param]}"
             for key, ts in self.tensors.items()
             for param, t in ts.items()
-            if target_shape(t.target, t.entry.shape) != tuple(self.shapes[param]) or t.entry.dtype is None
+            if target_shape(t.target, t.hub.shape) != tuple(self.shapes[param])
         ]
         if bad:
             raise CheckpointError("misshapen routed-expert tensors:\n  " + "\n  ".join(bad[:20]))
@@ -366,7 +383,8 @@ def offload_experts(
     A hub tensor may hold one expert (a `Target` with an expert index) or all of them stacked
     along its first dim (gpt-oss's fused `gate_up_proj`, `down_proj` and biases): each expert's
     slice is then a contiguous byte range, read alone and viewed through the target (de-interleaved,
-    transposed). MXFP4-quantized experts are refused: their blocks and scales are not streamed.
+    transposed). An MXFP4 tensor (gpt-oss's official checkpoints) is sliced likewise in its blocks
+    and its scales, and each expert is dequantized as it is read.
     """
     modules = {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
     by_key: dict[str, list[tuple[str, str, Target]]] = {}
@@ -376,12 +394,10 @@ def offload_experts(
             if module in modules:
                 by_key.setdefault(key, []).append((module, param, target))
     tensors: dict[Key, dict[str, ExpertTensor]] = {}
-    for path in files:
-        for key, entry in read_header(path).items():
-            _refuse_quantized(key, by_key)
-            for module, param, target in by_key.get(key, ()):
-                for expert, part in _expert_slices(entry, target, modules[module].cfg.n_experts):
-                    tensors.setdefault((module, expert), {})[param] = ExpertTensor(Path(path), part, target)
+    for key, hub in index_tensors(list(files)).items():
+        for module, param, target in by_key.get(key, ()):
+            for expert, part in _expert_slices(hub, target, modules[module].cfg.n_experts):
+                tensors.setdefault((module, expert), {})[param] = ExpertTensor(part, target)
     first = next(iter(modules.values()))
     store = ExpertStore(tensors, first.expert_shapes(), budget_bytes, first.cfg.dtype, torch.device(first.cfg.device))
     for name, module in modules.items():
@@ -390,26 +406,25 @@ def offload_experts(
     return store, set(by_key)
 
 
-def _refuse_quantized(key: str, by_key: dict) -> None:
-    if key.endswith(BLOCKS_SUFFIX) and key.removesuffix(BLOCKS_SUFFIX) in by_key:
-        raise CheckpointError(
-            f"'{key}': this checkpoint stores its routed experts in MXFP4 (blocks + scales), which expert_memory "
-            "cannot stream yet; load it without expert_memory, or save a bfloat16 copy first "
-            "(transformers: from_pretrained(..., dtype=torch.bfloat16) with dequantize, then save_pretrained)"
-        )
-
-
-def _expert_slices(entry: TensorEntry, target: Target, n_experts: int) -> Iterator[tuple[int, TensorEntry]]:
-    """(expert id, where its tensor lies) for a hub tensor of one expert or of all of them stacked."""
+def _expert_slices(tensor: HubTensor, target: Target, n_experts: int) -> Iterator[tuple[int, HubTensor]]:
+    """(expert id, where its tensor lies) for a hub tensor of one expert or of all of them stacked
+    (MXFP4: blocks and scales both stacked)."""
     if target.expert is not None:
-        yield target.expert, entry
+        yield target.expert, tensor
         return
-    if not entry.shape or entry.shape[0] != n_experts:
+    entries = [tensor.entry] + ([tensor.scales[1]] if tensor.scales is not None else [])
+    if any(not entry.shape or entry.shape[0] != n_experts for entry in entries):
         raise CheckpointError(
-            f"'{entry.name}' has shape {entry.shape}: a tensor of all routed experts must be stacked along "
+            f"'{tensor.entry.name}' has shape {tensor.shape}: a tensor of all routed experts must be stacked along "
             f"its first dim ({n_experts} experts)"
         )
-    size = (entry.end - entry.start) // n_experts
     for expert in range(n_experts):
-        start = entry.start + expert * size
-        yield expert, entry._replace(shape=entry.shape[1:], start=start, end=start + size, name=f"{entry.name}[{expert}]")
+        scales = None if tensor.scales is None else (tensor.scales[0], _expert_entry(tensor.scales[1], expert, n_experts))
+        yield expert, tensor._replace(entry=_expert_entry(tensor.entry, expert, n_experts), scales=scales)
+
+
+def _expert_entry(entry: TensorEntry, expert: int, n_experts: int) -> TensorEntry:
+    """Expert `expert`'s slice of `entry`, stacked along its first dim: a contiguous byte range."""
+    size = (entry.end - entry.start) // n_experts
+    start = entry.start + expert * size
+    return entry._replace(shape=entry.shape[1:], start=start, end=start + size, name=f"{entry.name}[{expert}]")

@@ -29,14 +29,18 @@ class Experts(nn.Module):
     [n_experts, d_expert] and `b_down` [n_experts, d_model]. The hidden state is act(gate) * up,
     or gpt-oss's clamped SwiGLU when `cfg.swiglu_limit` is set.
 
-    Offloaded (`offload`), the stacked weights are gone and `weights(e)` comes from an
-    `ExpertStore`, which reads each selected expert from the checkpoint on demand.
+    Offloaded (`offload`), the stacked weights and their views `W_in`, `W_gate_in`, `W_out` are
+    gone (reading them raises an `AttributeError` that says so) and `weights(e)` comes from an
+    `ExpertStore`, which reads each selected expert from the checkpoint on demand;
+    `expert_weights(e)` reads one expert's weights in both cases.
     """
 
     PARAMS = ("W_gate", "W_up", "W_down")
     """The stacked per-expert weight matrices, each [n_experts, ...]."""
     BIASES = ("b_gate", "b_up", "b_down")
     """Their biases, present when `cfg.expert_bias` (gpt-oss)."""
+    VIEWS = {"W_in": "W_up", "W_gate_in": "W_gate", "W_out": "W_down"}
+    """TransformerLens-layout views (transposed) of the stacked parameters."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -69,10 +73,44 @@ class Experts(nn.Module):
 
     def weights(self, e: int) -> dict[str, torch.Tensor]:
         """Expert `e`'s weights by parameter name (from the store when offloaded: the expert
-        must be resident, as it is inside `forward`)."""
+        must be resident, as it is inside `forward`; see `expert_weights` outside it)."""
         if self.store is not None:
             return self.store.weights(self.store_name, e)
         return {name: getattr(self, name)[e] for name in self.param_names}
+
+    def expert_weights(self, e: int) -> dict[str, torch.Tensor]:
+        """Copies of expert `e`'s weights by parameter name, in memory or offloaded (then read
+        through the store, which counts the read in its statistics), at any time.
+
+        Hub layout, as the parameters: `W_gate`, `W_up` [d_expert d_model], `W_down`
+        [d_model d_expert]; with `cfg.expert_bias` also `b_gate`, `b_up` [d_expert] and `b_down`
+        [d_model]. `W_in[e]` is `expert_weights(e)["W_up"].T` (likewise `W_gate_in`, `W_out`).
+        Editing the copies changes nothing in the model.
+        """
+        if isinstance(e, bool) or not hasattr(e, "__index__") or not 0 <= e.__index__() < self.cfg.n_experts:
+            raise ValueError(f"expert {e!r} does not exist: valid ids are the integers 0..{self.cfg.n_experts - 1}")
+        e = e.__index__()
+        with self._resident([e]):
+            return {name: w.detach().clone() for name, w in self.weights(e).items()}
+
+    def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            offloaded = self.__dict__.get("store") is not None
+            if offloaded and (name in self.param_names or name in self.VIEWS):
+                raise AttributeError(self._offloaded_message(name)) from None
+            raise
+
+    def _offloaded_message(self, name: str) -> str:
+        param = self.VIEWS.get(name, name)
+        one = f'expert_weights(e)["{param}"]' + (".T" if name in self.VIEWS else "")
+        return (
+            f"{self.store_name}.{name}: the routed experts of this model are offloaded (loaded with "
+            f"expert_memory=...), so their stacked weights are not in memory. Read one expert's weights with "
+            f"{self.store_name}.expert_weights(e) (copies; {name}[e] is {one}), or load the model "
+            "without expert_memory to have the stacked weights"
+        )
 
     @property
     def W_in(self) -> Float[torch.Tensor, "n_experts d_model d_expert"]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import struct
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -223,12 +225,35 @@ def read_into(f: BinaryIO, entry: TensorEntry, dest: torch.Tensor) -> None:
     dest.copy_(read_tensor(f, entry))
 
 
-def read_tensor(f: BinaryIO, entry: TensorEntry) -> torch.Tensor:
-    """One tensor of an open file, as stored (its own buffer)."""
+def read_tensor(f: BinaryIO, entry: TensorEntry, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor of an open file, as stored: a view of `buffer` (uint8 [entry.end - entry.start],
+    e.g. from `ReadBuffers.take`) when given, else of a buffer of its own."""
     f.seek(entry.start)
-    buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+    if buffer is None:
+        buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
     _read_exactly(f, entry, buffer)
     return buffer.view(entry.dtype).view(entry.shape)
+
+
+class ReadBuffers:
+    """Byte buffers reused from read to read, one per role (e.g. "blocks", "scales"), grown on
+    demand: a reader that reads tensors of the same sizes over and over (the expert store)
+    allocates them once. Not thread-safe: one per reading thread."""
+
+    def __init__(self, pin_memory: bool = False):
+        self.pin_memory = pin_memory
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, role: str, nbytes: int) -> torch.Tensor:
+        """The first `nbytes` bytes of the buffer of `role` (uint8 [nbytes]); its previous content is dead."""
+        buffer = self._buffers.get(role)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self._buffers[role] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        return buffer[:nbytes]
+
+
+def _buffer(buffers: ReadBuffers | None, role: str, entry: TensorEntry) -> torch.Tensor | None:
+    return None if buffers is None else buffers.take(role, entry.end - entry.start)
 
 
 class HubTensor(NamedTuple):
@@ -244,8 +269,30 @@ class HubTensor(NamedTuple):
         return self.entry.shape if self.scales is None else mxfp4.dequantized_shape(self.entry.shape)
 
     @property
-    def readable(self) -> bool:
-        return self.entry.dtype is not None and (self.scales is None or self.scales[1].dtype is not None)
+    def paths(self) -> set[Path]:
+        """The files it is read from (blocks and scales may lie in different shards)."""
+        return {self.path} if self.scales is None else {self.path, self.scales[0]}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read to load it (blocks and scales for MXFP4)."""
+        scales = 0 if self.scales is None else self.scales[1].end - self.scales[1].start
+        return self.entry.end - self.entry.start + scales
+
+    def check_loadable(self) -> None:
+        """Raise a `CheckpointError` unless it can fill a floating-point parameter: a dtype of
+        `LOADABLE_DTYPES`, or MXFP4 blocks and scales in U8 whose shapes match."""
+        if self.scales is None:
+            if self.entry.format_dtype not in LOADABLE_DTYPES:
+                raise unsupported_dtype(self.path, self.entry)
+            return
+        scales = self.scales[1]
+        if (self.entry.format_dtype, scales.format_dtype) != ("U8", "U8") or scales.shape != self.entry.shape[:-1]:
+            raise CheckpointError(
+                f"{self.path}, tensor '{self.entry.name}' with '{scales.name}': MXFP4 blocks {self.entry.format_dtype} "
+                f"{list(self.entry.shape)} and scales {scales.format_dtype} {list(scales.shape)} do not fit together; "
+                "expected U8 blocks [..., groups, 16] and U8 scales [..., groups]: the checkpoint is damaged"
+            )
 
 
 def index_tensors(files: list[Path]) -> dict[str, HubTensor]:
@@ -279,26 +326,31 @@ Fill = tuple[Target, torch.Tensor]
 """A target and its destination (our parameter, or one expert of it)."""
 
 
-def read_targets(tensor: HubTensor, fills: Sequence[Fill]) -> None:
+def read_targets(
+    tensor: HubTensor, fills: Sequence[Fill], file: Callable[[Path], BinaryIO], buffers: ReadBuffers | None = None
+) -> None:
     """Fill every destination of `fills` from one hub tensor, read (and MXFP4-dequantized) once:
-    the one per-tensor read path of loading (see `fill_from`)."""
-    with open(tensor.path, "rb") as f:
-        if tensor.scales is None:
-            fill_from(f, tensor.entry, fills)
-            return
-        blocks = read_tensor(f, tensor.entry)
-    with open(tensor.scales[0], "rb") as f:
-        _copy_views(mxfp4.dequantize(blocks, read_tensor(f, tensor.scales[1])), fills)
+    the one per-tensor read path of loading and of the expert store (see `fill_from`).
+
+    `file(path)` gives an open handle of `path`; with `buffers` the stored bytes (MXFP4 blocks
+    and scales, or a tensor copied through views) are read into its reused buffers.
+    """
+    if tensor.scales is None:
+        fill_from(file(tensor.path), tensor.entry, fills, buffers)
+        return
+    blocks = read_tensor(file(tensor.path), tensor.entry, _buffer(buffers, "blocks", tensor.entry))
+    scales = read_tensor(file(tensor.scales[0]), tensor.scales[1], _buffer(buffers, "scales", tensor.scales[1]))
+    _copy_views(mxfp4.dequantize(blocks, scales), fills)
 
 
-def fill_from(f: BinaryIO, entry: TensorEntry, fills: Sequence[Fill]) -> None:
+def fill_from(f: BinaryIO, entry: TensorEntry, fills: Sequence[Fill], buffers: ReadBuffers | None = None) -> None:
     """Fill every destination of `fills` from tensor `entry` of the open file `f`, read once: a
     single plain target is read straight into its destination, otherwise the tensor is read
-    whole and copied through each target's view (de-interleaved, transposed)."""
+    whole (into `buffers` when given) and copied through each target's view (de-interleaved, transposed)."""
     if len(fills) == 1 and is_plain(fills[0][0]):
         read_into(f, entry, fills[0][1])
         return
-    _copy_views(read_tensor(f, entry), fills)
+    _copy_views(read_tensor(f, entry, _buffer(buffers, "tensor", entry)), fills)
 
 
 def is_plain(target: Target) -> bool:
@@ -343,7 +395,8 @@ def stream_weights(
     """
     params = dict(model.named_parameters())
     seen, unexpected, misshapen, nonfinite = set(), [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.ExitStack() as open_files:
+        file = functools.cache(lambda path: open_files.enter_context(open(path, "rb")))
         for key, tensor in index_tensors(files).items():
             if key not in names:
                 if not key.endswith(IGNORED_SUFFIXES):
@@ -357,9 +410,8 @@ def stream_weights(
             misshapen += [f"{key}: {tensor.shape}, expected {tuple(d.shape)} for {t.param}" for t, d in wrong]
             if wrong:
                 continue
-            if not tensor.readable:
-                raise unsupported_dtype(tensor.path, tensor.entry)
-            read_targets(tensor, fills)
+            tensor.check_loadable()
+            read_targets(tensor, fills, file)
             if check_finite and not all(bool(torch.isfinite(dest).all()) for _, dest in fills):
                 nonfinite.append(f"{key} (in {tensor.path.name})")
     _raise_problems(files[0].parent, sorted(names.keys() - seen), unexpected, misshapen)
