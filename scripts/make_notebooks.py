@@ -700,7 +700,7 @@ END_TO_END = header(
     "difference and the loss, (4) compare with that expert's causal importance over a small corpus, "
     "and (5) generate text with and without the ablation.",
     config_extra="TEXTS_PER_DOMAIN = 2  # texts of each built-in corpus for the corpus-level importance\n"
-    "CORPUS_TOKENS = 64  # tokens of each of those texts\n",
+    "CORPUS_TOKENS = 64  # tokens of each chunk of those texts (the importance reads TEXTS_PER_DOMAIN * CORPUS_TOKENS a domain)\n",
 ) + [
     md("## Load the model"),
     code(LOAD),
@@ -800,27 +800,27 @@ END_TO_END = header(
         """
         ## 4. Compare with its importance over a corpus
 
-        The causal importance of each expert of that layer over a small corpus: the increase of the
-        mean next-token loss when the expert is zero-ablated at every position. Is the expert that
-        drives this one prediction also one the model relies on in general?
+        The causal importance of each expert of that layer over a small corpus, from
+        `expert_importance`: per domain, the increase of the mean next-token loss when the expert
+        is zero-ablated at every position (`delta_nll`, nats per token), with a bootstrap interval
+        over texts, beside how often the router picks it. Is the expert that drives this one
+        prediction also one the model relies on in general?
         """
     ),
     code(
         """
-        texts = [text for domain_texts in corpora.values() for text in domain_texts[:TEXTS_PER_DOMAIN]]
-        rows = [model.to_tokens(text)[:, :CORPUS_TOKENS] for text in texts]
-        corpus = torch.cat([row for row in rows if row.shape[1] == CORPUS_TOKENS])  # [text CORPUS_TOKENS]
-        print(f"{corpus.shape[0]} texts of {CORPUS_TOKENS} tokens")
-        base = float(model(corpus, return_type="loss"))
-        importance = {}
-        for e in range(cfg.n_experts):
-            with model.hooks(fwd_hooks=ablate_experts(model, {layer: [e]})):
-                importance[e] = float(model(corpus, return_type="loss")) - base
-        importance = pd.Series(importance, name="loss increase").sort_values(ascending=False)
+        from moe_hooked.analysis import expert_importance
+
+        small = {domain: texts[:TEXTS_PER_DOMAIN] for domain, texts in corpora.items()}
+        table = expert_importance(model, small, layers=layer, max_length=CORPUS_TOKENS,
+                          max_tokens=TEXTS_PER_DOMAIN * CORPUS_TOKENS, progress=False)
+        # over all domains: the token-weighted mean of the per-domain loss increases
+        weighted = table.assign(total=table.delta_nll * table.n_tokens).groupby("expert")[["total", "n_tokens"]].sum()
+        importance = (weighted.total / weighted.n_tokens).rename("loss increase").sort_values(ascending=False)
         rank = list(importance.index).index(expert) + 1
         print(f"expert {expert} of layer {layer}: loss increase {importance[expert]:.4f}, "
               f"rank {rank} of {cfg.n_experts} experts of the layer by corpus-level importance")
-        importance.head(5).to_frame()
+        table[table.expert == expert].round(4)
         """
     ),
     md(
