@@ -74,24 +74,24 @@ class PaperComparison:
         return PAPER_MODELS[self.name]
 
 
-def check_paper_options(path: str | Path | None, model: str | None, domains: Sequence[str]) -> PaperComparison | None:
-    """The paper's counts of `model` read from `path`, matched with our `domains`; None when
+def check_paper_options(path: str | Path | None, paper_model: str | None, domains: Sequence[str]) -> PaperComparison | None:
+    """The paper's counts of `paper_model` read from `path`, matched with our `domains`; None when
     neither option is given. Raises `ReportError` when only one is given, the model is unknown,
     the file is missing or unreadable, or it shares no domain with ours."""
-    if path is None and model is None:
+    if path is None and paper_model is None:
         return None
     choices = ", ".join(sorted(PAPER_MODELS))
-    if path is None or model is None:
+    if path is None or paper_model is None:
         raise ReportError(f"--paper-counts and --paper-model go together (paper_counts=, paper_model=): "
                           f"pass the paper's routing_counts.json and one of {choices}")
-    if model not in PAPER_MODELS:
-        raise ReportError(f"unknown paper model {model!r}: the paper's counts are of {choices}")
+    if paper_model not in PAPER_MODELS:
+        raise ReportError(f"unknown paper model {paper_model!r}: the paper's counts are of {choices}")
     path = Path(path).expanduser()
     if not path.is_file():
         raise ReportError(f"paper counts file not found: {path} (pass the paper's routing_counts.json, "
                           "e.g. ../shared/data/paper/routing_counts.json)")
     try:
-        counts = paper_routing_counts(path, model)
+        counts = paper_routing_counts(path, paper_model)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ReportError(f"cannot read the paper's counts from {path}: {err}") from err
     shared = [d for d in domains if d in counts.domains]
@@ -99,7 +99,7 @@ def check_paper_options(path: str | Path | None, model: str | None, domains: Seq
         raise ReportError(f"no domain in common with the paper's counts: ours are {', '.join(domains)}, the "
                           f"paper's {', '.join(counts.domains)}; name a --corpus after a paper domain "
                           "(e.g. --corpus github=path/to/code.txt)")
-    return PaperComparison(model, path.resolve(), counts, shared, [d for d in domains if d not in counts.domains],
+    return PaperComparison(paper_model, path.resolve(), counts, shared, [d for d in domains if d not in counts.domains],
                            [d for d in counts.domains if d not in domains])
 
 

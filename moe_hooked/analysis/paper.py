@@ -38,22 +38,22 @@ PAPER_MODELS = {
 }
 
 
-def paper_routing_counts(path: str | Path, model: str) -> RoutingCounts:
-    """The paper's counts of `model` ("olmoe", "qwen", "deepseek-base", "deepseek-chat") read
+def paper_routing_counts(path: str | Path, paper_model: str) -> RoutingCounts:
+    """The paper's counts of `paper_model` ("olmoe", "qwen", "deepseek-base", "deepseek-chat") read
     from `path` (its ``routing_counts.json``), as a :class:`RoutingCounts` [D, L, E] whose
     `layers` are the model's layer indices (see the module docstring)."""
-    if model not in PAPER_MODELS:
-        raise ValueError(f"unknown paper model {model!r}: choose from {sorted(PAPER_MODELS)}")
+    if paper_model not in PAPER_MODELS:
+        raise ValueError(f"unknown paper model {paper_model!r}: choose from {sorted(PAPER_MODELS)}")
     data = json.loads(Path(path).read_text())
     counts = data.get("counts", data) if isinstance(data, dict) else data
     if not isinstance(counts, dict):
         raise ValueError(f"{path} is not the paper's routing counts: expected a JSON object "
                          '{"counts": {model: {domain: {layer: [count per expert]}}}}')
-    if model not in counts:
-        raise ValueError(f"{path} has no counts for {model!r}; it has {sorted(counts)}")
-    spec = PAPER_MODELS[model]
+    if paper_model not in counts:
+        raise ValueError(f"{path} has no counts for {paper_model!r}; it has {sorted(counts)}")
+    spec = PAPER_MODELS[paper_model]
     shifted = {
         domain: {str(int(key) + spec.layer_offset): values for key, values in layers.items()}
-        for domain, layers in counts[model].items()
+        for domain, layers in counts[paper_model].items()
     }
     return RoutingCounts.from_dict(shifted, top_k=spec.top_k)
