@@ -19,12 +19,17 @@ These are also methods of `MoEActivationCache` (`cache.expert_output(...)`, ...)
 from __future__ import annotations
 
 import einops
+import numpy as np
 import torch
 from jaxtyping import Float
+
 from moe_hooked._tl import ActivationCache, Slice
 from moe_hooked.hook_names import get_act_name
 
 __all__ = ["decompose_resid_by_expert", "expert_output", "stack_neuron_results"]
+
+SliceLike = Slice | int | tuple[int, ...] | list[int] | torch.Tensor | np.ndarray | None
+"""What TransformerLens's `Slice` takes (None: everything), or a `Slice`."""
 
 
 def _cached(cache: ActivationCache, name: str, layer: int | None = None) -> torch.Tensor:
@@ -72,7 +77,7 @@ def expert_selected(cache: ActivationCache, layer: int, expert: int) -> torch.Te
 def decompose_resid_by_expert(
     cache: ActivationCache,
     layer: int | None = None,
-    pos_slice=None,
+    pos_slice: SliceLike = None,
     apply_ln: bool = False,
     return_labels: bool = False,
 ) -> Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]:
@@ -131,8 +136,8 @@ def _neuron_results(cache: ActivationCache, layer: int) -> tuple[Float[torch.Ten
 def stack_neuron_results(
     cache: ActivationCache,
     layer: int,
-    pos_slice=None,
-    neuron_slice=None,
+    pos_slice: SliceLike = None,
+    neuron_slice: SliceLike = None,
     return_labels: bool = False,
     incl_remainder: bool = False,
     apply_ln: bool = False,

@@ -6,12 +6,17 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from moe_hooked import attribution
 from moe_hooked._tl import ActivationCache
+from moe_hooked.attribution import SliceLike
 from moe_hooked.hook_names import MOE_HOOKS, HookNameError, get_act_name, unknown_hook_error
+
+if TYPE_CHECKING:
+    from moe_hooked.model import HookedMoETransformer
 
 __all__ = ["MissingActivationError", "MoEActivationCache", "cached_activations", "cached_layers"]
 
@@ -64,7 +69,7 @@ class MoEActivationCache(ActivationCache):
     token was real; the lenses read "the last token" of a row from it.
     """
 
-    def __init__(self, cache_dict, model, has_batch_dim: bool = True, attention_mask: torch.Tensor | None = None):
+    def __init__(self, cache_dict: dict[str, torch.Tensor], model: HookedMoETransformer, has_batch_dim: bool = True, attention_mask: torch.Tensor | None = None):
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
         self.attention_mask = attention_mask
 
@@ -140,12 +145,17 @@ class MoEActivationCache(ActivationCache):
         """[batch pos] True where MoE layer `layer` routed the token to `expert`."""
         return attribution.expert_selected(self, layer, expert)
 
-    def decompose_resid_by_expert(self, layer: int | None = None, pos_slice=None, apply_ln: bool = False, return_labels: bool = False):
+    def decompose_resid_by_expert(
+        self, layer: int | None = None, pos_slice: SliceLike = None, apply_ln: bool = False, return_labels: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
         """The residual stream as embed, attention, dense MLPs, each routed expert and the shared
         expert per layer: see `moe_hooked.attribution.decompose_resid_by_expert`."""
         return attribution.decompose_resid_by_expert(self, layer, pos_slice, apply_ln, return_labels)
 
-    def stack_neuron_results(self, layer: int, pos_slice=None, neuron_slice=None, return_labels: bool = False, **kwargs):
+    def stack_neuron_results(
+        self, layer: int, pos_slice: SliceLike = None, neuron_slice: SliceLike = None, return_labels: bool = False,
+        **kwargs: bool | torch.Tensor | None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
         """TransformerLens's `stack_neuron_results` for dense and MoE blocks (routed and shared
         expert neurons): see `moe_hooked.attribution.stack_neuron_results`."""
         return attribution.stack_neuron_results(self, layer, pos_slice, neuron_slice, return_labels, **kwargs)

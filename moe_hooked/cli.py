@@ -12,6 +12,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from moe_hooked.analysis.paper import PAPER_MODELS
 from moe_hooked.corpus import RankFailedError, barrier, shared_failures
 from moe_hooked.launch import DEFAULT_TIMEOUT_S, LaunchError, process_group_from_env
 from moe_hooked.report import (
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--expert-memory", metavar="SIZE",
                         help="stream routed experts from disk, at most SIZE of them in memory, e.g. 2GiB "
                         "(default: everything in memory)")
+    report.add_argument("--paper-counts", metavar="PATH",
+                        help="the MoE Lens paper's routing_counts.json: add a section with our coverage and "
+                        "specialization beside the paper's, on the domains both have (needs --paper-model)")
+    report.add_argument("--paper-model", choices=sorted(PAPER_MODELS),
+                        help="which of the paper's models to compare with (with --paper-counts)")
     report.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     report.add_argument("--overwrite", action="store_true", help="replace the output folder if it holds a report")
     report.set_defaults(run=_report)
@@ -92,7 +98,8 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser, command: 
         with process_group_from_env(args.device, args.timeout) as launch, shared_failures("report"):
             inputs = prepare_report(args.model, corpora, args.out, args.max_tokens, args.batch_size,
                                     args.dtype, launch.device, args.overwrite, command=command,
-                                    expert_memory=args.expert_memory)
+                                    expert_memory=args.expert_memory, paper_counts=args.paper_counts,
+                                    paper_model=args.paper_model)
             stage = "write"
             out = write_report(inputs)
             barrier("report")  # every rank fails if rank 0 failed to write

@@ -140,8 +140,8 @@ class MoEConfig:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     default_prepend_bos: bool = True
-    """Whether tokenising a string prepends BOS: set by each family module to what its tokenizer
-    does (DeepSeekMoE: yes; OLMoE and Qwen2-MoE: no)."""
+    """Whether tokenising a string prepends BOS: set by each family module (its `PREPENDS_BOS`) to
+    what that family's tokenizer does."""
 
     dtype: torch.dtype = torch.float32
     device: str | torch.device = "cpu"

@@ -31,7 +31,7 @@ import hashlib
 import pickle
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,10 +39,13 @@ from tqdm.auto import tqdm
 
 from moe_hooked.data import TokenBatch, iter_token_batches
 
+if TYPE_CHECKING:
+    from moe_hooked.model import HookedMoETransformer
+
 T = TypeVar("T")
 
 
-def check_corpora(model, corpora: Mapping[str, Sequence[str]], what: str) -> None:
+def check_corpora(model: HookedMoETransformer, corpora: Mapping[str, Sequence[str]], what: str) -> None:
     """Raise a ValueError naming the problem if `model` cannot tokenize or a domain is empty."""
     if model.tokenizer is None:
         raise ValueError(
@@ -59,7 +62,7 @@ def check_corpora(model, corpora: Mapping[str, Sequence[str]], what: str) -> Non
 
 
 def corpus_batches(
-    model,
+    model: HookedMoETransformer,
     corpora: Mapping[str, Sequence[str]],
     max_length: int | None = None,
     batch_size: int = 8,
@@ -233,7 +236,7 @@ def barrier(what: str) -> None:
         _exchange(what)
 
 
-def check_same_inputs(model, what: str, **inputs: Any) -> None:
+def check_same_inputs(model: HookedMoETransformer, what: str, **inputs: Any) -> None:
     """Raise :class:`RankFailedError` on every rank if the ranks were not given the same inputs.
 
     Compares across ranks a SHA-256 digest of each keyword value (pickled: corpora, options,
@@ -258,7 +261,7 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(pickle.dumps(value, protocol=4)).hexdigest()
 
 
-def _weights_digest(model, samples: int = 64) -> str:
+def _weights_digest(model: HookedMoETransformer, samples: int = 64) -> str:
     """SHA-256 of `samples` evenly spaced values of every (non-meta) parameter, in float64."""
     digest = hashlib.sha256()
     for name, param in model.named_parameters():

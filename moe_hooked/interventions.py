@@ -77,7 +77,7 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _cfg(model) -> MoEConfig:
+def _cfg(model: HookedMoETransformer | MoEConfig) -> MoEConfig:
     cfg = getattr(model, "cfg", model)
     if not isinstance(cfg, MoEConfig):
         raise TypeError(f"expected a HookedMoETransformer or its MoEConfig, got {type(model).__name__}")
@@ -168,7 +168,7 @@ def ablate_experts(
     model: HookedMoETransformer | MoEConfig,
     experts: Mapping[int, int | Iterable[int]],
     mode: AblationMode = "zero",
-    mean_from=None,
+    mean_from: ActivationCache | Mapping[int, torch.Tensor] | torch.Tensor | None = None,
     positions: Positions = None,
 ) -> FwdHooks:
     """Hooks that ablate routed experts, `experts` = `{layer: [expert ids]}`, at `positions`
@@ -241,7 +241,11 @@ def _mean_hooks(
     return [(get_act_name("topk_indices", layer), routing.record), (get_act_name("expert_out", layer), replace_outputs)]
 
 
-def _means_for(cfg: MoEConfig, spec: dict[int, list[int]], mean_from) -> dict[int, torch.Tensor]:
+def _means_for(
+    cfg: MoEConfig,
+    spec: dict[int, list[int]],
+    mean_from: ActivationCache | Mapping[int, torch.Tensor] | torch.Tensor | None,
+) -> dict[int, torch.Tensor]:
     """The [n_experts d_model] mean outputs of every ablated layer, checked."""
     if mean_from is None:
         raise ValueError("mode='mean' needs mean_from=: a reference run's cache, or expert_output_means(...)")
@@ -295,7 +299,9 @@ def _expert_sums(
     return sums, torch.bincount(ids, minlength=cfg.n_experts)
 
 
-def _cached_sums(cfg: MoEConfig, cache, layer: int, real: torch.Tensor | None = None):
+def _cached_sums(
+    cfg: MoEConfig, cache: ActivationCache | Mapping[str, torch.Tensor], layer: int, real: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`_expert_sums` of a cache at `layer`, over the slots with a nonzero weight (when the cache
     has `hook_topk_weights`) at real positions (`real` [batch pos], when given)."""
     indices, expert_out = cached_activations(cache, layer, ("topk_indices", "expert_out"), "a mean over a cache")
@@ -317,7 +323,7 @@ def _means(sums: torch.Tensor, counts: torch.Tensor) -> Float[torch.Tensor, "n_e
     return (sums / counts[:, None]).float()
 
 
-def _means_from_cache(cfg: MoEConfig, cache, layer: int) -> Float[torch.Tensor, "n_experts d_model"]:
+def _means_from_cache(cfg: MoEConfig, cache: ActivationCache, layer: int) -> Float[torch.Tensor, "n_experts d_model"]:
     return _means(*_cached_sums(cfg, cache, layer, getattr(cache, "attention_mask", None)))
 
 
@@ -357,7 +363,7 @@ def expert_output_means(
     return {layer: _means(totals[i], totals[len(layers) + i]) for i, layer in enumerate(layers)}
 
 
-def _reference_batches(model, tokens_or_texts, batch_size: int, max_length: int | None, progress: bool):
+def _reference_batches(model: HookedMoETransformer, tokens_or_texts, batch_size: int, max_length: int | None, progress: bool):
     """Yield (tokens [batch pos], attention mask [batch pos]) batches on the model's device."""
     if isinstance(tokens_or_texts, torch.Tensor):
         tokens = torch.atleast_2d(tokens_or_texts).to(model.W_E.device)

@@ -73,13 +73,13 @@ def _at(x: Float[torch.Tensor, "batch pos ..."], batch: int, pos: int) -> Float[
     return x[batch, pos]
 
 
-def _row_pos(cache, batch: int, pos: int) -> int:
+def _row_pos(cache: ActivationCache, batch: int, pos: int) -> int:
     """`pos` in row `batch`, a negative one counted from the row's last real token (see
     `MoEActivationCache.resolve_pos`); unchanged for a cache without a mask."""
     return cache.resolve_pos(pos, batch) if hasattr(cache, "resolve_pos") else pos
 
 
-def _check_shared(model, include_shared: bool) -> None:
+def _check_shared(model: HookedMoETransformer, include_shared: bool) -> None:
     if include_shared and not model.cfg.d_shared_expert:
         raise ValueError(f"include_shared=True, but this {model.cfg.architecture} model has no shared expert")
 
@@ -127,7 +127,7 @@ def expert_resid_stack(
     return _accumulate(_stack_base(cache, layer, include_shared), weights, expert_out)
 
 
-def _stack_base(cache, layer: int, include_shared: bool) -> Float[torch.Tensor, "batch pos d_model"]:
+def _stack_base(cache: ActivationCache, layer: int, include_shared: bool) -> Float[torch.Tensor, "batch pos d_model"]:
     """u = `resid_mid`, plus the shared expert's output if `include_shared`."""
     base = _get(cache, "resid_mid", layer)
     return base + _get(cache, "shared_out", layer) if include_shared else base
@@ -138,13 +138,13 @@ def _stack_base(cache, layer: int, include_shared: bool) -> Float[torch.Tensor, 
 # ---------------------------------------------------------------------------
 
 
-def _token_strings(model, ids: Sequence[int]) -> list[str | None]:
+def _token_strings(model: HookedMoETransformer, ids: Sequence[int]) -> list[str | None]:
     if model.tokenizer is None:
         return [None] * len(ids)
     return [model.tokenizer.decode([i]) for i in ids]
 
 
-def _top_tokens(model, normalized: Float[torch.Tensor, "n d_model"], top: int, meta: pd.DataFrame) -> pd.DataFrame:
+def _top_tokens(model: HookedMoETransformer, normalized: Float[torch.Tensor, "n d_model"], top: int, meta: pd.DataFrame) -> pd.DataFrame:
     """Decode each row of `normalized` (already through `ln_final`): `top` rows per row of
     `meta`, with `rank, token_id, token, prob` added (rank 0 = most probable)."""
     if not 1 <= top <= model.cfg.d_vocab:
@@ -310,7 +310,7 @@ def _cosine_sums(
     return torch.stack(sums, 1).cpu()
 
 
-def _cosine_frame(model, sums: Float[torch.Tensor, "seq layer variant 2"], confidence: float) -> pd.DataFrame:
+def _cosine_frame(model: HookedMoETransformer, sums: Float[torch.Tensor, "seq layer variant 2"], confidence: float) -> pd.DataFrame:
     """`layer, variant, cosine, ci_low, ci_high, n_tokens` from per-sequence sums (mean = sum / n;
     interval: bootstrap over sequences)."""
     layers = np.repeat(np.asarray(model.cfg.moe_layers), len(COSINE_VARIANTS))

@@ -17,6 +17,9 @@
      `entropy.csv`, `specialists.csv` (two domains or more), `cosine.csv`, `perplexity.csv`,
      `importance.csv`, `importance_correlation.csv`, `top_experts.csv`, `routing_intervals.csv`,
      `pruning.csv`, `expert_lens.csv` (one sample prompt per domain);
+   - with `paper_counts` and `paper_model`: `paper_comparison.csv`, our coverage and specialization
+     beside the same statistics of the paper's published counts (:mod:`moe_hooked.report_paper`),
+     and its section and figure in `index.html`;
    - `figures/*.png`; per sample prompt `expert_lens_<domain>.html` (the grid) and
      `routing_<domain>.html` (a circuitsvis view, JavaScript embedded);
    - `report.json`: model, options, command, versions, timings and the file list.
@@ -62,9 +65,20 @@ from moe_hooked.loading import CheckpointError, UnsupportedArchitectureError
 from moe_hooked.model import HookedMoETransformer
 from moe_hooked.report_findings import headline_numbers, importance_tables, routing_intervals
 from moe_hooked.report_folder import METADATA_FILE, ReportError, build_folder, check_out, publish
+from moe_hooked.report_paper import (
+    COVERAGE_LEVELS,
+    FIGURE as PAPER_FIGURE,
+    STATISTICS,
+    PaperComparison,
+    check_paper_options,
+    comparison_summary,
+    comparison_table,
+    section_text,
+)
 from moe_hooked.viz import (
     ExpertLensGrid,
     coactivation_figure,
+    comparison_figure,
     cosine_figure,
     importance_figure,
     perplexity_figure,
@@ -105,6 +119,7 @@ class ReportInputs:
     progress: bool = True
     options: dict = field(default_factory=dict)
     overwrite: bool = False
+    paper: PaperComparison | None = None
 
 
 # --------------------------------------------------------------------------- phase 1: checks
@@ -169,21 +184,28 @@ def prepare_report(
     progress: bool = True,
     command: str | None = None,
     expert_memory: int | str | None = None,
+    paper_counts: str | Path | None = None,
+    paper_model: str | None = None,
 ) -> ReportInputs:
     """Check the inputs (cheap ones first), load the corpora and the model; raise ReportError on bad input.
 
-    `expert_memory`: stream the routed experts from disk under this budget (see `from_pretrained`)."""
+    `expert_memory`: stream the routed experts from disk under this budget (see `from_pretrained`).
+    `paper_counts`, `paper_model`: the paper's ``routing_counts.json`` and one of its models
+    ("olmoe", "qwen", "deepseek-base", "deepseek-chat"), to compare with on the shared domains."""
     _check_positive(max_tokens=max_tokens, batch_size=batch_size)
     _check_budget(max_tokens)
     out_dir = check_out(out, overwrite) if is_main_process() else Path(out).expanduser().resolve()
     texts = _check_corpora(corpora)
+    paper = check_paper_options(paper_counts, paper_model, list(texts))
     model = _check_model(model_name, dtype, device, expert_memory)
     sources = {d: str(s) if isinstance(s, (str, Path)) else f"{len(s)} texts" for d, s in (corpora or {}).items()}
     options = dict(model=model_name, corpora=sources or "built-in", out=str(out_dir), max_tokens=max_tokens,
                    batch_size=batch_size, dtype=str(model.cfg.dtype).removeprefix("torch."), device=str(model.cfg.device),
-                   expert_memory=expert_memory, **_distribution())
+                   expert_memory=expert_memory, paper_counts=str(paper.path) if paper else None, paper_model=paper_model,
+                   **_distribution())
     command = command or "build_report(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
-    return ReportInputs(model, model_name, texts, out_dir, max_tokens, batch_size, command, progress, options, overwrite)
+    return ReportInputs(model, model_name, texts, out_dir, max_tokens, batch_size, command, progress, options, overwrite,
+                        paper)
 
 
 def _distribution() -> dict[str, object]:
@@ -240,7 +262,7 @@ def _run_corpus_analyses(inputs: ReportInputs, results: _Results, stage: Callabl
     with stage("routing statistics"):
         counts = results.counts = routing_stats(model, corpora, **budget)
         results.tables["specialization"] = specialization(counts, test="sequence")
-        results.tables["coverage"] = coverage(counts, q=[0.5, 0.9])
+        results.tables["coverage"] = coverage(counts, q=COVERAGE_LEVELS)
         results.tables["entropy"] = routing_entropy(counts)
         if counts.n_domains >= 2:
             results.tables["specialists"] = domain_specialists(counts)
@@ -312,6 +334,10 @@ def _write_figures(results: _Results, folder: Path, slugs: dict[str, str]) -> No
         path = folder / "figures" / f"{name}.png"
         path.write_bytes(to_png(figure))
         results.figures[caption] = path.relative_to(folder).as_posix()
+    if "paper_comparison" in tables:  # drawn in its own section of the page
+        figure = comparison_figure(tables["paper_comparison"], STATISTICS, xlabel="relative depth, (layer + 0.5) / layers",
+                                   ylabel="fraction of the layer's experts")
+        (folder / PAPER_FIGURE).write_bytes(to_png(figure))
 
 
 # --------------------------------------------------------------------------- index.html
@@ -384,6 +410,23 @@ def _summary_list(n_experts: int, tables: dict[str, pd.DataFrame]) -> str:
     return "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
 
 
+def _paper_section(inputs: ReportInputs, results: _Results) -> list[str]:
+    """Our coverage and specialization beside the paper's (nothing without `paper_counts`)."""
+    paper = inputs.paper
+    if paper is None:
+        return []
+    caption = (f"Ours (solid) and the paper's {paper.model.hub_id} (dashed) against relative depth, per domain both have")
+    return [
+        f"<h2>Beside the paper: {html.escape(paper.model.hub_id)}</h2>",
+        *[f"<p>{html.escape(line)}</p>" for line in section_text(paper, inputs.model_name, results.counts,
+                                                                   inputs.model.cfg.n_layers)],
+        f'<figure><img src="{PAPER_FIGURE}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}'
+        "</figcaption></figure>",
+        "<h3>Mean over MoE layers (every layer: paper_comparison.csv)</h3>",
+        _table(comparison_summary(results.tables["paper_comparison"])),
+    ]
+
+
 def _index_html(inputs: ReportInputs, results: _Results, files: list[str], versions: dict[str, str]) -> str:
     model = inputs.model
     esc = html.escape
@@ -406,6 +449,7 @@ def _index_html(inputs: ReportInputs, results: _Results, files: list[str], versi
           for caption, path in results.figures.items()],
         "<h2>Tables</h2>",
         *[f"<h3>{esc(title)}</h3>{_table(frame)}" for title, frame in _summary_tables(results)],
+        *_paper_section(inputs, results),
         "<h2>Sample prompts</h2>",
     ]
     for sample in results.samples:
@@ -453,6 +497,9 @@ def write_report(inputs: ReportInputs) -> Path:
         with stage("sample prompts"):
             _run_samples(inputs, results, folder, slugs)
         with stage("figures and files"):
+            if inputs.paper is not None:
+                results.tables["paper_comparison"] = comparison_table(
+                    results.tables["specialization"], results.tables["coverage"], inputs.model.cfg.n_layers, inputs.paper)
             results.counts.save(folder / "counts.json")
             for name, table in results.tables.items():
                 table.to_csv(folder / f"{name}.csv", index=False)
@@ -477,7 +524,8 @@ def build_report(*args, **kwargs) -> Path:
     """Run every analysis on `model_name` over `corpora` and write the report folder `out`.
 
     Takes the arguments of :func:`prepare_report` (`model_name`, `corpora`, `out`,
-    `max_tokens`, `batch_size`, `dtype`, `device`, `overwrite`, `progress`, `command`).
+    `max_tokens`, `batch_size`, `dtype`, `device`, `overwrite`, `progress`, `command`,
+    `expert_memory`, `paper_counts`, `paper_model`).
 
     `corpora`: `{domain: path to a .txt/.jsonl file, or a list of texts}`; None uses the
     built-in sample corpora. `max_tokens` caps the tokens each corpus analysis reads per

@@ -5,10 +5,14 @@ network), and clear errors, before any model work, on bad input."""
 from __future__ import annotations
 
 import contextlib
+import html
 import io
+import itertools
 import json
+import re
 import shlex
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,13 +28,14 @@ from moe_hooked.analysis import RoutingCounts, coverage, expert_importance, rout
 from moe_hooked.cli import main
 from moe_hooked.data import count_tokens
 from moe_hooked.lens import expert_lens
-from moe_hooked.report import SAMPLE_PROMPT_TOKENS, build_report
+from moe_hooked.report import SAMPLE_PROMPT_TOKENS, ReportError, build_report
 
 CORPORA = {
     "english": ["The cat sat on the mat and looked at the moon.", "Routers send each token to a few experts."],
     "code": ["def add(a, b): return a + b", "x = 2 + 3 and 7 * 6 = 42"],
 }
 MAX_TOKENS = 48
+PAPER_COUNTS = Path(__file__).resolve().parents[1].parent / "shared/data/paper/routing_counts.json"
 needs_chromium = pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (apt-get install chromium)")
 
 
@@ -53,18 +58,24 @@ def corpus_files(tmp_path_factory):
     return {domain: folder / f"{domain}.txt" for domain in CORPORA}
 
 
-@pytest.fixture(scope="module")
-def report(model_dir, corpus_files, tmp_path_factory):
-    """The console script's `main` run on a command line: returns (report folder, argv, stdout, stderr)."""
-    out = tmp_path_factory.mktemp("run") / "my report"
+def run_report(model_dir, corpus_files, out, *options) -> tuple[list[str], str, str]:
+    """The console script's `main` run on a command line: returns (argv, stdout, stderr)."""
     argv = ["report", "--model", str(model_dir), "--max-tokens", str(MAX_TOKENS), "--batch-size", "2", "--out", str(out)]
     for domain, path in corpus_files.items():
         argv += ["--corpus", f"{domain}={path}"]
+    argv += options
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         status = main(argv)
     assert status == 0, stderr.getvalue()
-    return out, argv, stdout.getvalue(), stderr.getvalue()
+    return argv, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def report(model_dir, corpus_files, tmp_path_factory):
+    """(report folder, argv, stdout, stderr) of a report run by the console script."""
+    out = tmp_path_factory.mktemp("run") / "my report"
+    return out, *run_report(model_dir, corpus_files, out)
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +284,105 @@ def test_help_lists_the_subcommands(capsys):
         assert option in help_text
     status, err = run_cli(capsys)
     assert status == 2 and "COMMAND" in err
+
+
+# --------------------------------------------------------------------------- beside the paper's counts
+PAPER_MODEL = "olmoe"  # 16 layers, all MoE, numbered from 1 in the paper's file; 64 experts, top-8
+PAPER_N_LAYERS, PAPER_TOP_K, PAPER_KEY_OFFSET = 16, 8, 1
+STATISTICS = ["fraction_for_50%", "fraction_for_90%", "share_over_1.5x_uniform"]
+
+
+@pytest.fixture(scope="module")
+def paper_report(model_dir, corpus_files, tmp_path_factory):
+    """(report folder, argv) of a report with --paper-counts (english is shared, code is ours alone)."""
+    if not PAPER_COUNTS.is_file():
+        pytest.skip(f"the paper's counts are not at {PAPER_COUNTS}")
+    out = tmp_path_factory.mktemp("paper") / "report"
+    argv, _, _ = run_report(model_dir, corpus_files, out, "--paper-counts", str(PAPER_COUNTS), "--paper-model", PAPER_MODEL)
+    return out, argv
+
+
+def by_hand(counts: list[int], tokens: int, top_k: int) -> list[float]:
+    """Fraction of the experts that cover 50% and 90% of the routing, and the share used >= 1.5 k/E, in integers."""
+    n_experts, total = len(counts), sum(counts)
+    covered = list(itertools.accumulate(sorted(counts, reverse=True)))
+    n_50 = next(n for n, c in enumerate(covered, start=1) if 2 * c >= total)
+    n_90 = next(n for n, c in enumerate(covered, start=1) if 10 * c >= 9 * total)
+    over = sum(2 * c * n_experts >= 3 * top_k * tokens for c in counts)  # c / tokens >= 1.5 k / E
+    return [n_50 / n_experts, n_90 / n_experts, over / n_experts]
+
+
+def expected_rows(out: Path) -> dict[tuple[str, int], list[float]]:
+    """(source, layer) -> [depth, tokens, *STATISTICS] of english, from the raw JSON of both sides."""
+    ours = json.loads((out / "counts.json").read_text())
+    n_layers = json.loads((out / "report.json").read_text())["config"]["n_layers"]
+    d = ours["domains"].index("english")
+    rows = {("ours", layer): [(layer + 0.5) / n_layers, ours["tokens"][d][i],
+                              *by_hand(ours["counts"][d][i], ours["tokens"][d][i], ours["top_k"])]
+            for i, layer in enumerate(ours["layers"])}
+    for key, counts in json.loads(PAPER_COUNTS.read_text())["counts"][PAPER_MODEL]["english"].items():
+        layer, tokens = int(key) - PAPER_KEY_OFFSET, sum(counts) // PAPER_TOP_K
+        rows["paper", layer] = [(layer + 0.5) / PAPER_N_LAYERS, tokens, *by_hand(counts, tokens, PAPER_TOP_K)]
+    return rows
+
+
+def test_paper_section_numbers_equal_a_hand_computation(paper_report):
+    out, _ = paper_report
+    table = pd.read_csv(out / "paper_comparison.csv")
+    assert set(table["domain"]) == {"english"}  # code: ours alone
+    expected = expected_rows(out)
+    assert sorted(zip(table["source"], table["layer"])) == sorted(expected)
+    assert (table["source"] == "paper").sum() == PAPER_N_LAYERS
+    for row in table.to_dict("records"):
+        got = [row["depth"], row["tokens"], *(row[name] for name in STATISTICS)]
+        np.testing.assert_allclose(got, expected[row["source"], row["layer"]], rtol=1e-12, err_msg=str(row))
+    page = (out / "index.html").read_text()
+    section = page[page.index("<h2>Beside the paper: allenai/OLMoE-1B-7B-0924</h2>"):page.index("<h2>Sample prompts</h2>")]
+    assert "only in our corpora: code; only in the paper&#x27;s counts: aime-math, arxiv, chinese, french-qa, github, gsm8k" in section
+    rows = [[html.unescape(re.sub(r"<.*?>", "", cell)).strip() for cell in re.findall(r"<t[dh].*?</t[dh]>", tr, re.S)]
+            for tr in re.findall(r"<tr.*?</tr>", section.split("<h3>Mean over MoE layers")[1], re.S)]
+    for source in ("ours", "paper"):  # the page's summary: means over layers of the hand computation
+        values = np.array([v for (s, _), v in expected.items() if s == source])
+        means = [f"{values[0, 1]:.0f}"] + [f"{x:.4g}" for x in values[:, 2:].mean(0)]
+        assert ["english", source, *means] in rows[1:]
+    assert (out / "figures/paper_comparison.png").stat().st_size > 0
+    options = json.loads((out / "report.json").read_text())["options"]
+    assert options["paper_counts"] == str(PAPER_COUNTS.resolve()) and options["paper_model"] == PAPER_MODEL
+
+
+@needs_chromium
+def test_paper_section_loads_offline_in_chromium(paper_report):
+    out, _ = paper_report
+    page = open_page(out / "index.html", ready=READY)
+    assert page.console_errors == [] and page.network_requests == []
+    assert page.value["images"] == len(FIGURES) + len(CORPORA) + 1  # and the comparison figure
+
+
+def small_paper_counts(path: Path, domains=("english", "github")) -> Path:
+    """A routing_counts.json of OLMoE's shape with two layers and the given domains."""
+    layers = {"1": [8] * 64, "2": [16] * 32 + [0] * 32}
+    path.write_text(json.dumps({"counts": {"olmoe": {domain: layers for domain in domains}}}))
+    return path
+
+
+def test_bad_paper_options_are_refused_before_any_work(capsys, tmp_path, no_model_loading, corpus_files):
+    corpora = [arg for domain, path in corpus_files.items() for arg in ("--corpus", f"{domain}={path}")]
+    good = small_paper_counts(tmp_path / "counts.json")
+    out = str(tmp_path / "out")
+    cases = [
+        (["--paper-counts", str(tmp_path / "nope.json"), "--paper-model", "olmoe"], "paper counts file not found"),
+        (["--paper-counts", str(good), "--paper-model", "mixtral"], "invalid choice: 'mixtral'"),
+        (["--paper-counts", str(good)], "--paper-counts and --paper-model go together"),
+        (["--paper-model", "olmoe"], "--paper-counts and --paper-model go together"),
+        (["--paper-counts", str(good), "--paper-model", "qwen"], "has no counts for 'qwen'"),
+        (["--paper-counts", str(small_paper_counts(tmp_path / "other.json", ("arxiv", "chinese"))),
+          "--paper-model", "olmoe"], "no domain in common with the paper's counts: ours are english, code, the paper's arxiv, chinese"),
+    ]
+    (tmp_path / "broken.json").write_text("{not json")
+    cases.append((["--paper-counts", str(tmp_path / "broken.json"), "--paper-model", "olmoe"], "cannot read the paper's counts"))
+    for options, message in cases:
+        status, err = run_cli(capsys, "report", *corpora, *options, "--out", out)
+        assert status == 2 and message in err, (options, err)
+    with pytest.raises(ReportError, match="unknown paper model 'mixtral'"):
+        build_report(corpora=CORPORA, out=out, paper_counts=good, paper_model="mixtral")
+    assert not (tmp_path / "out").exists()

@@ -129,7 +129,7 @@ def _disjoint_groups(used: Bool[np.ndarray, "batch E"]) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def _ablation_batch(model, batch: TokenBatch, layers: list[int], experts: list[int], mode: Mode):
+def _ablation_batch(model: HookedMoETransformer, batch: TokenBatch, layers: list[int], experts: list[int], mode: Mode):
     """Per-sequence NLL change [batch L E'] of ablating each (layer, expert) alone, and routed counts."""
     routing = _Routing(layers)
     base = _nll(model, batch, routing.hooks())
@@ -150,7 +150,7 @@ def _ablation_batch(model, batch: TokenBatch, layers: list[int], experts: list[i
     return delta, routed
 
 
-def _attribution_batch(model, batch: TokenBatch, layers: list[int], experts: list[int]):
+def _attribution_batch(model: HookedMoETransformer, batch: TokenBatch, layers: list[int], experts: list[int]):
     """First-order per-sequence NLL change [batch L E'] of zeroing each (layer, expert), and routed counts."""
     routing = _Routing(layers)
     leaves: dict[int, torch.Tensor] = {}
@@ -175,7 +175,7 @@ def _attribution_batch(model, batch: TokenBatch, layers: list[int], experts: lis
     return torch.stack(delta, 1).cpu().numpy(), routing.routed(real, experts, n_experts)
 
 
-def _check_options(model, method: str, mode: str, experts) -> list[int]:
+def _check_options(model: HookedMoETransformer, method: str, mode: str, experts) -> list[int]:
     if method not in ("ablation", "attribution"):
         raise ValueError(f"unknown method {method!r}: use 'ablation' (exact) or 'attribution' (first order)")
     if mode not in ("zero", "reroute"):

@@ -28,6 +28,7 @@ from moe_hooked.corpus import corpus_batches, gather_by_batch, shared_failures
 from moe_hooked.interventions import FwdHooks, ablate_experts, keep_top_k
 
 if TYPE_CHECKING:
+    from moe_hooked.config import MoEConfig
     from moe_hooked.model import HookedMoETransformer
 
 __all__ = ["perplexity_vs_top_k", "pruning_curve"]
@@ -91,7 +92,7 @@ def _nll_sums(
     return result
 
 
-def _max_length(model, max_length: int | None) -> int:
+def _max_length(model: HookedMoETransformer, max_length: int | None) -> int:
     return min(model.cfg.n_ctx, MAX_LENGTH) if max_length is None else max_length
 
 
@@ -185,7 +186,7 @@ def pruning_curve(
     model: HookedMoETransformer,
     corpora: Mapping[str, Sequence[str]],
     fractions: Sequence[float] = (0, 0.25, 0.5, 0.75),
-    usage=None,
+    usage: RoutingCounts | np.ndarray | None = None,
     max_length: int | None = None,
     batch_size: int = 8,
     max_tokens: int | None = None,
@@ -217,7 +218,7 @@ def pruning_curve(
     return frame[["domain", "fraction", "n_pruned_per_layer", "mean_log_ppl", "ppl"]]
 
 
-def _n_pruned(cfg, fraction: float) -> int:
+def _n_pruned(cfg: MoEConfig, fraction: float) -> int:
     if not 0 <= fraction <= 1:
         raise ValueError(f"pruning fractions must lie in [0, 1], got {fraction}")
     n = math.floor(fraction * cfg.n_experts + 1e-9)
@@ -229,12 +230,12 @@ def _n_pruned(cfg, fraction: float) -> int:
     return n
 
 
-def _least_used(cfg, usage: np.ndarray, n: int) -> dict[int, list[int]]:
+def _least_used(cfg: MoEConfig, usage: np.ndarray, n: int) -> dict[int, list[int]]:
     """The n least-used experts of every MoE layer (stable: lower ids first among ties)."""
     return {layer: np.argsort(usage[i], kind="stable")[:n].tolist() for i, layer in enumerate(cfg.moe_layers)}
 
 
-def _usage_matrix(cfg, usage) -> np.ndarray:
+def _usage_matrix(cfg: MoEConfig, usage: RoutingCounts | np.ndarray) -> np.ndarray:
     """Routing counts [n_moe_layers n_experts] from a RoutingCounts or an array."""
     if isinstance(usage, RoutingCounts):
         if list(usage.layers) != list(cfg.moe_layers):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["Correction", "adjust_pvalues"]
 
@@ -40,7 +41,7 @@ _CORRECTIONS = {
 }
 
 
-def adjust_pvalues(p_values, method: Correction = "holm") -> np.ndarray:
+def adjust_pvalues(p_values: ArrayLike, method: Correction = "holm") -> np.ndarray:
     """Multiple-comparison adjusted p-values; each slice along the last axis is one family.
 
     Args:

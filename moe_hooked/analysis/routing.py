@@ -35,7 +35,7 @@ __all__ = ["routing_stats", "top_tokens_per_expert"]
 class _RoutingAccumulator:
     """Running sums over `D` domains and the model's `L` MoE layers (`E` experts), on the model's device."""
 
-    def __init__(self, model, n_domains: int, coactivation: bool):
+    def __init__(self, model: HookedMoETransformer, n_domains: int, coactivation: bool) -> None:
         cfg = model.cfg
         device = model.W_E.device
         shape = (n_domains, len(cfg.moe_layers))
@@ -102,7 +102,7 @@ class _RoutingAccumulator:
         )
 
 
-def _require_moe(model) -> None:
+def _require_moe(model: HookedMoETransformer) -> None:
     if not model.cfg.moe_layers:
         raise ValueError("this model has no MoE layers: there is no routing to count")
 

@@ -4,6 +4,7 @@ from moe_hooked.viz.categorical import CategoricalTokensView
 from moe_hooked.viz.expert_lens_grid import ExpertLensGrid
 from moe_hooked.viz.figures import (
     coactivation_figure,
+    comparison_figure,
     cosine_figure,
     importance_figure,
     perplexity_figure,
@@ -26,6 +27,7 @@ __all__ = [
     "CircuitsView",
     "ExpertLensGrid",
     "coactivation_figure",
+    "comparison_figure",
     "cosine_figure",
     "expert_weight_view",
     "importance_figure",

@@ -8,6 +8,8 @@
 - :func:`coactivation_figure` -- an [E, E] co-activation matrix as a heatmap.
 - :func:`pruning_figure` -- perplexity against the fraction of least-used experts pruned.
 - :func:`importance_figure` -- causal importance against routing frequency, per layer.
+- :func:`comparison_figure` -- statistics of two sources (our model, the paper's) against relative
+  depth, one panel per statistic.
 
 Each returns a `matplotlib.figure.Figure` created without pyplot, so nothing depends on the
 backend (Agg, inline, none) and no global figure state is left behind. Notebooks display it;
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -182,6 +184,31 @@ def importance_figure(importance: pd.DataFrame, ncols: int = 3) -> Figure:
         ax.set(title=f"layer {layer}: Spearman rho = {rho:.2f}", xlabel="fraction of tokens routed",
                ylabel="loss increase when removed (nats)")
         ax.legend(fontsize="x-small")
+    return fig
+
+
+SOURCE_STYLES = ({"linestyle": "-", "marker": "o"}, {"linestyle": "--", "marker": "s"})
+
+
+def comparison_figure(table: pd.DataFrame, values: Mapping[str, str], x: str = "depth", xlabel: str | None = None,
+                      ylabel: str | None = None, ncols: int = 3) -> Figure:
+    """One panel per column of `values` (column -> panel title) against `x`: one colour per
+    domain, one line style per `source` (the first solid, the next dashed). `table`: `domain,
+    source, x` and the `values` columns, e.g. `report_paper.comparison_table(...)`."""
+    _require(table, ["domain", "source", x, *values], "comparison")
+    domains = list(table["domain"].unique())
+    sources = list(table["source"].unique())
+    if len(sources) > len(SOURCE_STYLES):
+        raise ValueError(f"at most {len(SOURCE_STYLES)} sources can be told apart, got {sources}")
+    fig, axes = _panels(len(values), ncols, (4.6, 3.4))
+    for ax, (column, title) in zip(axes, values.items()):
+        for (domain, source), rows in table.groupby(["domain", "source"], sort=False):
+            rows = rows.sort_values(x)
+            ax.plot(rows[x].to_numpy(), rows[column].to_numpy(), color=f"C{domains.index(domain) % 10}",
+                    markersize=3, label=f"{domain} ({source})", **SOURCE_STYLES[sources.index(source)])
+        ax.set(title=title, xlabel=xlabel or x, ylabel=ylabel or column, ylim=(0, None))
+        ax.legend(fontsize="x-small")
+        ax.grid(alpha=0.3)
     return fig
 
 

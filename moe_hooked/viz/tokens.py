@@ -10,9 +10,13 @@ character(s) once, with its place in the run, the following pieces only their pl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
+
+if TYPE_CHECKING:
+    from moe_hooked.model import HookedMoETransformer
 
 REPLACEMENT = "\ufffd"
 MAX_PIECES = 8
@@ -20,7 +24,7 @@ MAX_PIECES = 8
 but a run may start or end inside one)."""
 
 
-def readable_str_tokens(model, tokens: Int[torch.Tensor, " pos"] | Sequence[int]) -> list[str]:
+def readable_str_tokens(model: HookedMoETransformer, tokens: Int[torch.Tensor, " pos"] | Sequence[int]) -> list[str]:
     """One label per token of a 1-D sequence: `model.to_str_tokens`, except that a run of
     tokens that only decodes together (pieces of a character) is labelled "中 1/3", "2/3", "3/3"."""
     ids = torch.as_tensor(tokens).tolist()
@@ -37,7 +41,7 @@ def readable_str_tokens(model, tokens: Int[torch.Tensor, " pos"] | Sequence[int]
     return labels
 
 
-def _clean_run_end(model, ids: list[int], labels: list[str], start: int) -> int | None:
+def _clean_run_end(model: HookedMoETransformer, ids: list[int], labels: list[str], start: int) -> int | None:
     """The end of the shortest run from `start` of two or more tokens that decodes without
     U+FFFD, when the token at `start` alone does not; else None."""
     if REPLACEMENT not in labels[start]:
