@@ -279,7 +279,8 @@ def _draw_sample(model: HookedMoETransformer, domain: str, text: str) -> dict:
     lens = expert_lens(model, cache, pos=-1, include_shared=bool(model.cfg.d_shared_expert))
     grid = ExpertLensGrid(lens, title=f"{domain}: next token after the prompt, decoded at each MoE layer")
     routing = routing_view(cache, readable_str_tokens(model, tokens[0]))
-    return dict(domain=domain, prompt=model.to_string(tokens[0]), lens=lens.assign(domain=domain)[["domain", *lens.columns]],
+    return dict(domain=domain, prompt=model.to_string(tokens[0]),
+                lens=lens.assign(domain=domain)[["domain", *lens.columns]],
                 grid=grid.to_html(), grid_page=grid.page(), routing_page=routing.to_html())
 
 
@@ -312,7 +313,8 @@ def _figures(results: _Results, slugs: dict[str, str]) -> list[tuple[str, str, C
          "over chunks)", "perplexity", lambda: perplexity_figure(tables["perplexity"])),
         ("The paper's min-max normalised log-perplexity (hides the size and direction of each change)",
          "perplexity_normalized", lambda: perplexity_figure(tables["perplexity"], value="normalized_log_ppl")),
-        ("Perplexity when pruning each layer's least-used experts", "pruning", lambda: pruning_figure(tables["pruning"])),
+        ("Perplexity when pruning each layer's least-used experts", "pruning",
+         lambda: pruning_figure(tables["pruning"])),
         ("Routing frequency vs causal importance (attribution estimate of the loss increase when the expert is "
          "removed; bars: 95% bootstrap interval)", "importance", lambda: importance_figure(tables["importance"])),
     ]

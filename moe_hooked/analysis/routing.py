@@ -91,7 +91,7 @@ class _RoutingAccumulator:
         """The sums, totalled over the ranks of a process group (if any), as RoutingCounts."""
         sums = [self.counts, self.tokens] + ([] if self.coactivation is None else [self.coactivation])
         counts, tokens, *coactivation = (x.cpu().numpy() for x in all_reduce_sums(sums, "routing_stats"))
-        by_batch = {i: (d, c.cpu().numpy(), n.cpu().numpy(), e.cpu().numpy()) for i, (d, c, n, e) in self.batches.items()}
+        by_batch = {i: (d, *(x.cpu().numpy() for x in tensors)) for i, (d, *tensors) in self.batches.items()}
         batches = gather_by_batch(by_batch, "routing_stats")  # every rank's, in single-process order
         entropy_sum = np.zeros(tokens.shape)
         for d, _, _, entropy in batches:
