@@ -16,7 +16,9 @@ code runs data-parallel, and this module is the only place that knows it:
   floats and exact for integers, so every rank returns the single-process result.
 - :func:`gather_by_batch` collects per-batch values that are not sums (e.g. per-sequence losses
   for a bootstrap) from every rank, in the single-process order.
-- :func:`deal` splits any other list of work items (e.g. one run per expert) the same way.
+- :func:`deal` splits any other list of work items (e.g. one run per expert) the same way;
+  :func:`map_over_ranks` deals items, computes each rank's share and gathers the results (e.g.
+  one figure each).
 - :func:`shared_failures` (a decorator on every analysis) makes a rank that raises tell the
   others at their next synchronisation point, so the whole job fails with one clear error
   instead of hanging. All synchronisation goes through one exchange, :func:`_exchange`, so a
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from moe_hooked.model import HookedMoETransformer
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def check_corpora(model: HookedMoETransformer, corpora: Mapping[str, Sequence[str]], what: str) -> None:
@@ -205,6 +208,16 @@ def gather_by_batch(per_batch: Mapping[int, T], what: str = "analysis") -> list[
         for share in _exchange(what, dict(per_batch)):
             merged.update(share)
     return [merged[i] for i in sorted(merged)]
+
+
+def map_over_ranks(function: Callable[[T], R], items: Sequence[T], what: str = "analysis") -> list[R]:
+    """`[function(item) for item in items]` on every rank, each rank computing only its share
+    (item `i` on rank `i % world_size`, as :func:`deal` gives it), for work that is costly per
+    item and not a sum: e.g. drawing one figure each. Every rank gets every result, in item
+    order; the results travel pickled (move tensors to the CPU). Without a process group: the
+    plain list. Every rank must call it with the same items.
+    """
+    return gather_by_batch({i: function(item) for i, item in deal(enumerate(items))}, what)
 
 
 @contextmanager

@@ -9,7 +9,9 @@
    :class:`ReportError` with a message naming the input and what to do.
 2. :func:`write_report` runs the analyses and writes, into a temporary sibling folder that is
    moved to `out` at the end (a failed run leaves no half-written report; see
-   :mod:`moe_hooked.report_folder` for what `overwrite` may replace):
+   :mod:`moe_hooked.report_folder` for what `overwrite` may replace). In a process group
+   (`torchrun`) the ranks share out the corpus batches, the sample prompts and the figures,
+   and rank 0 writes the same files one process would:
 
    - `index.html`: figures, tables, the model's config, the exact command and package versions;
      opens offline (figures are PNG files beside it, no external request);
@@ -36,14 +38,16 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from moe_hooked.analysis import (
@@ -58,7 +62,7 @@ from moe_hooked.analysis import (
     routing_stats,
     specialization,
 )
-from moe_hooked.corpus import is_main_process, rank_and_world
+from moe_hooked.corpus import is_main_process, map_over_ranks, rank_and_world, shared_failures
 from moe_hooked.data import builtin_corpora, load_corpora
 from moe_hooked.lens import expert_lens, topk_cosine
 from moe_hooked.loading import CheckpointError, UnsupportedArchitectureError
@@ -287,57 +291,98 @@ def _run_importance(inputs: ReportInputs, results: _Results, budget: dict) -> No
     results.tables["routing_intervals"] = routing_intervals(results.counts)
 
 
-def _run_samples(inputs: ReportInputs, results: _Results, folder: Path, slugs: dict[str, str]) -> None:
-    """Per domain: the expert lens and the routing of the first text's first tokens."""
-    model = inputs.model
-    include_shared = bool(model.cfg.d_shared_expert)
-    frames = []
-    for domain, texts in inputs.corpora.items():
-        tokens = model.to_tokens(texts[0])[:, :SAMPLE_PROMPT_TOKENS]
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(tokens, return_type=None)
-        lens = expert_lens(model, cache, pos=-1, include_shared=include_shared)
-        frames.append(lens.assign(domain=domain)[["domain", *lens.columns]])
-        str_tokens = readable_str_tokens(model, tokens[0])
-        grid = ExpertLensGrid(lens, title=f"{domain}: next token after the prompt, decoded at each MoE layer")
-        grid.save(folder / f"expert_lens_{slugs[domain]}.html")
-        routing_view(cache, str_tokens).save(folder / f"routing_{slugs[domain]}.html")
-        results.samples.append(dict(domain=domain, prompt=model.to_string(tokens[0]), grid=grid.to_html(),
-                                    routing=f"routing_{slugs[domain]}.html",
-                                    expert_lens=f"expert_lens_{slugs[domain]}.html"))
-    results.tables["expert_lens"] = pd.concat(frames, ignore_index=True)
+def _draw_sample(model: HookedMoETransformer, domain: str, text: str) -> dict:
+    """One domain's sample prompt, the first `SAMPLE_PROMPT_TOKENS` tokens of `text`: its
+    expert-lens rows (`lens`) and grid (`grid`, `grid_page`) and its routing view
+    (`routing_page`), as a table and HTML ready to write."""
+    tokens = model.to_tokens(text)[:, :SAMPLE_PROMPT_TOKENS]
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, return_type=None)
+    lens = expert_lens(model, cache, pos=-1, include_shared=bool(model.cfg.d_shared_expert))
+    grid = ExpertLensGrid(lens, title=f"{domain}: next token after the prompt, decoded at each MoE layer")
+    routing = routing_view(cache, readable_str_tokens(model, tokens[0]))
+    return dict(domain=domain, prompt=model.to_string(tokens[0]),
+                lens=lens.assign(domain=domain)[["domain", *lens.columns]],
+                grid=grid.to_html(), grid_page=grid.page(), routing_page=routing.to_html())
 
 
-def _write_figures(results: _Results, folder: Path, slugs: dict[str, str]) -> None:
+def _run_samples(inputs: ReportInputs, results: _Results, folder: Path | None, slugs: dict[str, str]) -> None:
+    """Per domain: the expert lens and the routing of the first text's first tokens. In a
+    process group the ranks draw the domains in turn; rank 0 (`folder` given) writes the pages."""
+    model, corpora = inputs.model, inputs.corpora
+    samples = map_over_ranks(lambda domain: _draw_sample(model, domain, corpora[domain][0]), list(corpora),
+                             "report: sample prompts")
+    results.tables["expert_lens"] = pd.concat([sample.pop("lens") for sample in samples], ignore_index=True)
+    if folder is None:
+        return
+    for sample in samples:
+        slug = slugs[sample["domain"]]
+        routing, grid = f"routing_{slug}.html", f"expert_lens_{slug}.html"
+        (folder / routing).write_text(sample.pop("routing_page"), encoding="utf-8")
+        (folder / grid).write_text(sample.pop("grid_page"), encoding="utf-8")
+        results.samples.append(dict(sample, routing=routing, expert_lens=grid))
+
+
+def _figures(results: _Results, slugs: dict[str, str]) -> list[tuple[str, str, Callable[[], Figure]]]:
+    """`(caption, file name, drawing function)` of every figure, in the page's order."""
     counts, tables = results.counts, results.tables
-    (folder / "figures").mkdir()
-    middle = counts.layers[len(counts.layers) // 2]
-    figures = {
-        "Specialization: fraction of each domain's tokens routed to each expert (dashed: uniform k/E)":
-            ("specialization", specialization_figure(tables["specialization"], layers=_spec_layers(counts.layers))),
-        "Top-1 vs top-k cosine per layer, beside the baselines cos(u, H^k) and cos(H^1 - u, H^k - u) "
-        "(shaded: 95% bootstrap interval)": ("cosine", cosine_figure(tables["cosine"])),
-        "Change in log-perplexity vs experts kept, from the unmodified model (shaded: 95% bootstrap interval "
-        "over chunks)": ("perplexity", perplexity_figure(tables["perplexity"])),
-        "The paper's min-max normalised log-perplexity (hides the size and direction of each change)":
-            ("perplexity_normalized", perplexity_figure(tables["perplexity"], value="normalized_log_ppl")),
-        "Perplexity when pruning each layer's least-used experts": ("pruning", pruning_figure(tables["pruning"])),
-        "Routing frequency vs causal importance (attribution estimate of the loss increase when the expert is "
-        "removed; bars: 95% bootstrap interval)": ("importance", importance_figure(tables["importance"])),
-    }
+    figures = [
+        ("Specialization: fraction of each domain's tokens routed to each expert (dashed: uniform k/E)",
+         "specialization", lambda: specialization_figure(tables["specialization"], layers=_spec_layers(counts.layers))),
+        ("Top-1 vs top-k cosine per layer, beside the baselines cos(u, H^k) and cos(H^1 - u, H^k - u) "
+         "(shaded: 95% bootstrap interval)", "cosine", lambda: cosine_figure(tables["cosine"])),
+        ("Change in log-perplexity vs experts kept, from the unmodified model (shaded: 95% bootstrap interval "
+         "over chunks)", "perplexity", lambda: perplexity_figure(tables["perplexity"])),
+        ("The paper's min-max normalised log-perplexity (hides the size and direction of each change)",
+         "perplexity_normalized", lambda: perplexity_figure(tables["perplexity"], value="normalized_log_ppl")),
+        ("Perplexity when pruning each layer's least-used experts", "pruning",
+         lambda: pruning_figure(tables["pruning"])),
+        ("Routing frequency vs causal importance (attribution estimate of the loss increase when the expert is "
+         "removed; bars: 95% bootstrap interval)", "importance", lambda: importance_figure(tables["importance"])),
+    ]
     if counts.coactivation is not None:
+        middle = counts.layers[len(counts.layers) // 2]
         for domain in counts.domains:
-            matrix = coactivation_matrix(counts, domain, middle)
-            figure = coactivation_figure(matrix, title=f"{domain}: co-activation (Jaccard), layer {middle}")
-            figures[f"Expert co-activation, {domain}, layer {middle}"] = (f"coactivation_{slugs[domain]}", figure)
-    for caption, (name, figure) in figures.items():
+            figures.append((f"Expert co-activation, {domain}, layer {middle}", f"coactivation_{slugs[domain]}",
+                            partial(_coactivation_figure, counts, domain, middle)))
+    return figures
+
+
+def _coactivation_figure(counts: RoutingCounts, domain: str, layer: int) -> Figure:
+    matrix = coactivation_matrix(counts, domain, layer)
+    return coactivation_figure(matrix, title=f"{domain}: co-activation (Jaccard), layer {layer}")
+
+
+def _draw_figures(results: _Results, folder: Path | None, slugs: dict[str, str]) -> None:
+    """Render every figure to PNG, the ranks of a process group taking them in turn; rank 0
+    (`folder` given) writes them to `figures/`."""
+    figures = _figures(results, slugs)
+    pngs = map_over_ranks(lambda figure: to_png(figure[2]()), figures, "report: figures")
+    if folder is None:
+        return
+    (folder / "figures").mkdir()
+    for (caption, name, _), png in zip(figures, pngs):
         path = folder / "figures" / f"{name}.png"
-        path.write_bytes(to_png(figure))
+        path.write_bytes(png)
         results.figures[caption] = path.relative_to(folder).as_posix()
-    if "paper_comparison" in tables:  # drawn in its own section of the page
-        figure = comparison_figure(tables["paper_comparison"], STATISTICS, xlabel="relative depth, (layer + 0.5) / layers",
-                                   ylabel="fraction of the layer's experts")
+    if "paper_comparison" in results.tables:  # drawn by rank 0 alone, in its own section of the page
+        figure = comparison_figure(results.tables["paper_comparison"], STATISTICS,
+                                   xlabel="relative depth, (layer + 0.5) / layers", ylabel="fraction of the layer's experts")
         (folder / PAPER_FIGURE).write_bytes(to_png(figure))
+
+
+def _write_files(inputs: ReportInputs, results: _Results, folder: Path) -> None:
+    """counts.json, a CSV per table, index.html, then report.json (which marks a finished report)."""
+    results.counts.save(folder / "counts.json")
+    for name, table in results.tables.items():
+        table.to_csv(folder / f"{name}.csv", index=False)
+    versions = _versions()
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    (folder / "index.html").write_text(_index_html(inputs, results, files, versions), encoding="utf-8")
+    metadata_json = dict(model=inputs.model_name, command=inputs.command, options=inputs.options,
+                         config=inputs.model.cfg.to_dict(), versions=versions, timings_s=results.timings,
+                         files=["index.html", *files])
+    (folder / METADATA_FILE).write_text(json.dumps(metadata_json, indent=2, default=str))
 
 
 # --------------------------------------------------------------------------- index.html
@@ -471,18 +516,19 @@ def _index_html(inputs: ReportInputs, results: _Results, files: list[str], versi
 
 
 # --------------------------------------------------------------------------- driver
+@shared_failures("report")
 def write_report(inputs: ReportInputs) -> Path:
     """Run the analyses and write the report folder (see the module docstring); returns its path.
 
-    In a process group every rank must call it: the corpus analyses are shared out, and only
-    rank 0 writes the folder (the other ranks return `out` once their share is done)."""
+    In a process group every rank must call it: the corpus analyses, the sample prompts and the
+    figures are shared out, and only rank 0 writes the folder (the other ranks return `out`
+    once their share is done). The files are the same whatever the number of processes, apart
+    from the recorded process count and timings."""
     results = _Results()
-    if not is_main_process():
-        _run_corpus_analyses(inputs, results, lambda name: nullcontext())
-        return inputs.out
+    main = is_main_process()
     slugs = _slugs(list(inputs.corpora))
-    folder = build_folder(inputs.out)
-    bar = tqdm(total=7, desc="report", unit="step", disable=not inputs.progress)
+    folder = build_folder(inputs.out) if main else None
+    bar = tqdm(total=7, desc="report", unit="step", disable=not (inputs.progress and main))
 
     @contextmanager
     def stage(name: str):
@@ -500,23 +546,17 @@ def write_report(inputs: ReportInputs) -> Path:
             if inputs.paper is not None:
                 results.tables["paper_comparison"] = comparison_table(
                     results.tables["specialization"], results.tables["coverage"], inputs.model.cfg.n_layers, inputs.paper)
-            results.counts.save(folder / "counts.json")
-            for name, table in results.tables.items():
-                table.to_csv(folder / f"{name}.csv", index=False)
-            _write_figures(results, folder, slugs)
-            versions = _versions()
-            files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-            (folder / "index.html").write_text(_index_html(inputs, results, files, versions), encoding="utf-8")
-            metadata_json = dict(model=inputs.model_name, command=inputs.command, options=inputs.options,
-                                 config=inputs.model.cfg.to_dict(), versions=versions, timings_s=results.timings,
-                                 files=["index.html", *files])
-            (folder / METADATA_FILE).write_text(json.dumps(metadata_json, indent=2, default=str))
+            _draw_figures(results, folder, slugs)
+            if folder is not None:
+                _write_files(inputs, results, folder)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     finally:
         bar.close()
-    publish(folder, inputs.out, inputs.overwrite)
+    if folder is not None:
+        publish(folder, inputs.out, inputs.overwrite)
     return inputs.out
 
 

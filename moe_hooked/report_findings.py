@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import special
-from scipy.stats import spearmanr
 
 from moe_hooked.analysis.bootstrap import CONFIDENCE, resample_weights
 from moe_hooked.analysis.counts import RoutingCounts
+from moe_hooked.analysis.importance import frequency_importance_correlation
 
 __all__ = ["headline_numbers", "importance_tables", "routing_intervals"]
 
@@ -29,8 +29,7 @@ def importance_tables(importance: pd.DataFrame) -> dict[str, pd.DataFrame]:
     and `delta_nll` over every (domain, expert); `top_experts`: per domain the `TOP_EXPERTS`
     (layer, expert) pairs whose removal raises the loss most."""
     correlation = pd.DataFrame(
-        [dict(layer=layer, spearman_rho=spearmanr(rows["routed_fraction"], rows["delta_nll"]).statistic,
-              n_points=len(rows))
+        [dict(layer=layer, spearman_rho=frequency_importance_correlation(rows), n_points=len(rows))
          for layer, rows in importance.groupby("layer", sort=True)]
     )
     top = (importance.sort_values("delta_nll", ascending=False, kind="stable").groupby("domain", sort=False)

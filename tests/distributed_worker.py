@@ -2,13 +2,15 @@
 
 `python tests/distributed_worker.py OUT_DIR` joins the process group (as the CLI does), runs
 every corpus analysis on the demo model (see `compute_all`, which the test also runs in one
-process), then the failure scenarios, then the CLI report; it writes `OUT_DIR/rank{r}.pkl`.
+process), then the failure scenarios, `map_over_ranks`, then the CLI report (which the test
+also runs in one process); it writes `OUT_DIR/rank{r}.pkl`.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 from moe_hooked import HookedMoETransformer
 from moe_hooked.analysis import expert_importance, perplexity_vs_top_k, pruning_curve, routing_stats, top_tokens_per_expert
 from moe_hooked.cli import main as cli_main
-from moe_hooked.corpus import all_reduce_sums, corpus_batches, gather_by_batch, rank_and_world
+from moe_hooked.corpus import all_reduce_sums, corpus_batches, gather_by_batch, map_over_ranks, rank_and_world
 from moe_hooked.data import builtin_corpora
 from moe_hooked.interventions import expert_output_means
 from moe_hooked.launch import process_group_from_env
@@ -34,7 +36,23 @@ SETTINGS = {
 }
 TIMEOUT_S = 120
 """The process group's timeout: the lost-rank scenario must fail well before it."""
-REPORT_ARGS = ["--max-tokens", "24", "--batch-size", "4", "--corpus"]
+REPORT_ARGS = ["--max-tokens", "96", "--batch-size", "1"]
+"""Several batches per domain, dealt across the ranks, and as many figures and sample prompts."""
+
+
+def report_corpora() -> dict[str, list[str]]:
+    """The CLI report's corpora (the test writes them to OUT_DIR/<domain>.txt): one sentence or
+    one function per text, so that each domain spans several one-text batches."""
+    texts = builtin_corpora(["english", "code"])
+    english = [sentence for text in texts["english"] for sentence in re.split(r"(?<=\.) ", text)]
+    code = [function for text in texts["code"] for function in re.split(r" (?=def )", text)]
+    return {"english": english, "code": code}
+
+
+def report_argv(out_dir: Path, report: Path) -> list[str]:
+    """`moe-hooked report ...` on the files of `report_corpora` in `out_dir`, into `report`."""
+    corpora = [arg for domain in report_corpora() for arg in ("--corpus", f"{domain}={out_dir / domain}.txt")]
+    return ["report", *REPORT_ARGS, *corpora, "--out", str(report)]
 
 
 def corpora_for(setting: dict) -> dict[str, list[str]]:
@@ -113,8 +131,8 @@ def failure_scenarios(model: HookedMoETransformer) -> dict:
 
 
 def run_report(out_dir: Path) -> int:
-    """The CLI report on `out_dir/english.txt` (written by the test), into `out_dir/report`."""
-    return cli_main(["report", *REPORT_ARGS, f"english={out_dir / 'english.txt'}", "--out", str(out_dir / "report")])
+    """The CLI report on the corpus files in `out_dir` (written by the test), into `out_dir/report`."""
+    return cli_main(report_argv(out_dir, out_dir / "report"))
 
 
 def lose_rank_1(model: HookedMoETransformer, record: dict, path: Path) -> None:
@@ -133,6 +151,7 @@ def main(out_dir: Path) -> None:
         path = out_dir / f"rank{launch.rank}.pkl"
         model = HookedMoETransformer.from_pretrained("moe-hooked/demo")
         record = dict(launch=launch, results=compute_all(model), failures=failure_scenarios(model))
+        record["mapped"] = map_over_ranks(lambda item: (item, launch.rank), list("abcde"), "map_over_ranks")
         record["report_status"] = run_report(out_dir)
         record["second_report_status"] = run_report(out_dir)  # refused on rank 0: the folder exists
         lose_rank_1(model, record, path)

@@ -3,7 +3,8 @@
 One `torchrun --nproc-per-node 2` run of tests/distributed_worker.py computes every analysis
 under three batch layouts (batches not divisible by the world size, divisible, one batch so
 that rank 1 gets none), runs the failure scenarios and the CLI report; each rank pickles what
-it saw, and the tests compare it with the same code run here without a process group.
+it saw, and the tests compare it with the same code run here without a process group; the
+report's files are compared with those of the same report made by one process.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +25,14 @@ import torch
 import moe_hooked.corpus as corpus
 from moe_hooked import HookedMoETransformer
 from moe_hooked.analysis import routing_stats
-from moe_hooked.corpus import all_reduce_sums, corpus_batches, deal, shared_failures
-from moe_hooked.data import builtin_corpora
+from moe_hooked.corpus import all_reduce_sums, corpus_batches, deal, map_over_ranks, shared_failures
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as worker  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 900  # far above a normal run: reaching it means a hang
+ONE_THREAD = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +44,26 @@ def model():
 def two_ranks(tmp_path_factory):
     """`[record of rank 0, record of rank 1]` and the run's folder."""
     out = tmp_path_factory.mktemp("distributed")
-    (out / "english.txt").write_text("\n".join(builtin_corpora(["english"])["english"]))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for domain, texts in worker.report_corpora().items():
+        (out / f"{domain}.txt").write_text("\n".join(texts))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                str(REPO / "tests" / "distributed_worker.py"), str(out)]
-    done = subprocess.run(command, env=env, cwd=out, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    done = subprocess.run(command, env=ONE_THREAD, cwd=out, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     (out / "stderr.txt").write_text(done.stderr)
     return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(2)], out
+
+
+@pytest.fixture(scope="module")
+def one_process_report(two_ranks, tmp_path_factory):
+    """The two-rank run's CLI report made by `python -m moe_hooked` in one process (one thread,
+    as each rank), on the same corpus files; returns its folder."""
+    _, out = two_ranks
+    report = tmp_path_factory.mktemp("one_process") / "report"
+    command = [sys.executable, "-m", "moe_hooked", *worker.report_argv(out, report)]
+    done = subprocess.run(command, env=ONE_THREAD, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-6000:]
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +133,16 @@ def test_deal_and_reductions_without_a_process_group():
             raise KeyError("stays as it is")
 
 
+def test_map_over_ranks_without_a_process_group_is_a_plain_map():
+    assert map_over_ranks(str.upper, ["a", "b", "c"]) == ["A", "B", "C"]
+    assert map_over_ranks(str.upper, []) == []
+
+
+def test_map_over_ranks_deals_the_items_and_gives_every_rank_every_result(two_ranks):
+    for record in two_ranks[0]:  # item i drawn on rank i % 2, every result on both ranks, in item order
+        assert record["mapped"] == [("a", 0), ("b", 1), ("c", 0), ("d", 1), ("e", 0)]
+
+
 def test_deal_with_ranks(monkeypatch):
     monkeypatch.setattr(corpus, "rank_and_world", lambda: (1, 3))
     assert list(deal("abcdefg")) == ["b", "e"]
@@ -182,14 +206,55 @@ def test_a_rank_lost_without_a_word_makes_the_others_fail_not_hang(two_ranks):
 def test_cli_report_on_two_ranks_is_written_once_by_rank_0(two_ranks, model):
     records, out = two_ranks
     assert [record["report_status"] for record in records] == [0, 0]
-    assert sorted(p.name for p in out.iterdir()) == ["english.txt", "rank0.pkl", "rank1.pkl", "report", "stderr.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["code.txt", "english.txt", "rank0.pkl", "rank1.pkl", "report",
+                                                     "stderr.txt"]
     meta = json.loads((out / "report" / "report.json").read_text())
     assert (meta["options"]["world_size"], meta["options"]["backend"]) == (2, "gloo")
     assert "<td>2 (gloo)</td>" in (out / "report" / "index.html").read_text()
     counts = json.loads((out / "report" / "counts.json").read_text())
-    expected = routing_stats(model, builtin_corpora(["english"]), max_tokens=24, batch_size=4, progress=False)
+    expected = routing_stats(model, worker.report_corpora(), max_tokens=96, batch_size=1, progress=False)
     assert counts["counts"] == expected.counts.tolist()
     np.testing.assert_allclose(counts["entropy_sum"], expected.entropy_sum, rtol=1e-6)
+
+
+RUN_DETAILS = [  # (pattern, stand-in): what differs between two runs of the same report
+    (r"circuits-vis-[0-9a-f]{8}-[0-9a-f]{4}", "circuits-vis-ID"),  # circuitsvis draws a random element id
+    (r"<td>\d{4}-\d\d-\d\dT[\d:+]+</td>", "<td>DATE</td>"),  # index.html: when it was generated,
+    (r"<td>\d+ \(\w+\)</td>", "<td>PROCESSES</td>"),  # how many processes, with which backend,
+    (r"<td>[\d.]+ s</td>", "<td>SECONDS</td>"),  # and how long each stage took
+]
+
+
+def _report_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a report, with what differs between runs replaced by stand-ins (and its
+    own folder's name by "OUT"); report.json without its timings and process count."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if path.suffix == ".png":
+            files[name] = path.read_bytes()
+            continue
+        text = path.read_text(encoding="utf-8").replace(str(folder), "OUT")
+        if name == "report.json":
+            meta = json.loads(text)
+            for key in ("timings_s", "options.world_size", "options.backend"):
+                *parents, last = key.split(".")
+                (meta[parents[0]] if parents else meta).pop(last)
+            text = json.dumps(meta)
+        for pattern, stand_in in RUN_DETAILS:
+            text = re.sub(pattern, stand_in, text)
+        files[name] = text.encode()
+    return files
+
+
+def test_cli_report_on_two_ranks_writes_the_same_files_as_one_process(two_ranks, one_process_report):
+    _, out = two_ranks
+    two, one = _report_files(out / "report"), _report_files(one_process_report)
+    assert sorted(two) == sorted(one)
+    assert sum(name.endswith(".png") for name in one) == 8  # 6 figures and 2 co-activation maps, dealt to the ranks
+    assert sum(name.startswith("routing_") and name.endswith(".html") for name in one) == 2  # a prompt per domain
+    for name, content in one.items():
+        assert two[name] == content, f"{name} differs between 2 processes and 1"
 
 
 def test_cli_report_refused_on_rank_0_fails_on_every_rank(two_ranks):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -10,6 +11,7 @@ import torch
 from hf_models import build_hf, olmoe_config, qwen2_moe_config, save_hf
 from safetensors.torch import load_file, save_file
 
+import moe_hooked.loading as loading
 from moe_hooked import CheckpointError, HookedMoETransformer, UnsupportedArchitectureError
 
 
@@ -116,15 +118,32 @@ def test_unknown_dtype_and_router_dtype(folder):
 def test_weights_are_not_randomly_initialised_before_streaming(folder, monkeypatch):
     """The model is built on the meta device: no parameter is materialised before the copy."""
     materialised = []
-    original = torch.nn.Module.to_empty
+    original = loading._materialize
 
-    def spy(module, *, device, recurse=True):
-        materialised.extend(p.device.type for p in module.parameters())
-        return original(module, device=device, recurse=recurse)
+    def spy(model, device):
+        materialised.extend(p.device.type for p in model.parameters())
+        return original(model, device)
 
-    monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
-    HookedMoETransformer.from_pretrained(folder)
+    monkeypatch.setattr(loading, "_materialize", spy)
+    model = HookedMoETransformer.from_pretrained(folder)
     assert materialised and set(materialised) == {"meta"}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_materialize_gives_meta_tensors_storage_as_to_empty_does():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4, dtype=torch.bfloat16), torch.nn.LayerNorm(4))
+    model[1].weight.requires_grad_(False)
+    model[0].register_buffer("kept", torch.zeros(2, dtype=torch.int64))
+    model[1].register_buffer("scratch", torch.zeros(5), persistent=False)
+    reference = copy.deepcopy(model).to_empty(device="cpu")
+    loading._materialize(model, torch.device("cpu"))
+    assert model.state_dict().keys() == reference.state_dict().keys()  # the non-persistent buffer stays out
+    for (name, got), (_, expected) in zip(model.named_parameters(), reference.named_parameters()):
+        assert (got.device, got.shape, got.dtype, got.requires_grad) == (expected.device, expected.shape,
+                                                                         expected.dtype, expected.requires_grad), name
+    for (name, got), (_, expected) in zip(model.named_buffers(), reference.named_buffers()):
+        assert (got.device, got.shape, got.dtype) == (expected.device, expected.shape, expected.dtype), name
 
 
 def test_unsupported_rope_scaling(folder):

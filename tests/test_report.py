@@ -9,9 +9,12 @@ import html
 import io
 import itertools
 import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,8 @@ CORPORA = {
     "code": ["def add(a, b): return a + b", "x = 2 + 3 and 7 * 6 = 42"],
 }
 MAX_TOKENS = 48
-PAPER_COUNTS = Path(__file__).resolve().parents[1].parent / "shared/data/paper/routing_counts.json"
+REPO = Path(__file__).resolve().parents[1]
+PAPER_COUNTS = REPO.parent / "shared/data/paper/routing_counts.json"
 needs_chromium = pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (apt-get install chromium)")
 
 
@@ -96,6 +100,21 @@ def test_report_writes_every_file(report):
     expected |= {f"figures/coactivation_{domain}.png" for domain in CORPORA}
     assert files == expected
     assert not list(out.parent.glob(".*partial*"))  # the temporary folder was renamed
+
+
+SLOW_IMPORTS = ("sympy", "scipy.stats")
+"""Modules the report does not need, each about a second of CPU time to import: in every process
+at every start, a part of a distributed report that does not shrink with more processes."""
+
+
+def test_a_report_run_imports_neither_sympy_nor_scipy_stats(model_dir, corpus_files, tmp_path):
+    argv = ["report", "--model", str(model_dir), "--max-tokens", "16", "--out", str(tmp_path / "out")]
+    argv += [arg for domain, path in corpus_files.items() for arg in ("--corpus", f"{domain}={path}")]
+    code = (f"import sys; from moe_hooked.cli import main; status = main({argv!r}); "
+            f"print(status, [m for m in {SLOW_IMPORTS!r} if m in sys.modules])")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.stdout.splitlines()[-1] == "0 []", done.stdout[-2000:] + done.stderr[-3000:]
 
 
 def test_report_numbers(report, model):

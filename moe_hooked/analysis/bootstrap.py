@@ -23,7 +23,7 @@ Assumptions, stated once for every interval built on it:
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 __all__ = ["bootstrap_greater_test", "bootstrap_ratio", "resample_weights"]
 
@@ -122,6 +122,6 @@ def bootstrap_greater_test(
     ratio = num.sum(0) / den.sum(0)
     se = np.nanstd(ratios, axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        p_value = np.where(se > 0, stats.norm.sf((ratio - null_value) / se), (ratio <= null_value).astype(float))
+        p_value = np.where(se > 0, special.ndtr((null_value - ratio) / se), (ratio <= null_value).astype(float))
     low, high = _percentiles(ratios, confidence)
     return p_value, low, high

@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scipy import special, stats
+from scipy import special
 
 from moe_hooked.analysis.bootstrap import bootstrap_greater_test
 from moe_hooked.analysis.pvalues import Correction, adjust_pvalues
@@ -372,6 +372,13 @@ def uniform_baseline(top_k: int, n_experts: int) -> float:
     return top_k / n_experts
 
 
+def _binomial_upper_tail(count: np.ndarray, n: np.ndarray, p: float) -> np.ndarray:
+    """P(X >= count) for X ~ Binomial(n, p), elementwise: the regularized incomplete beta
+    I_p(count, n - count + 1) (what ``scipy.stats.binom.sf(count - 1, n, p)`` computes, without
+    importing scipy.stats), and 1 where count is 0."""
+    return np.where(count > 0, special.betainc(np.maximum(count, 1), n - count + 1, p), 1.0)
+
+
 def _fractions(counts: RoutingCounts) -> np.ndarray:
     """``[D, L, E]`` fraction of the tokens for which each expert was selected."""
     return counts.counts / counts.tokens[..., None]
@@ -434,7 +441,7 @@ def specialization(
     tokens = counts.tokens[..., None]  # [D, L, 1]
     fraction = _fractions(counts)
     ratio = fraction / baseline
-    p_value = stats.binom.sf(counts.counts - 1, tokens, baseline)  # P(X >= count)
+    p_value = _binomial_upper_tail(counts.counts, tokens, baseline)
     sequence_p, low, high = _sequence_test(counts, baseline, required=test == "sequence")
     if test == "sequence":
         p_value = sequence_p

@@ -32,7 +32,7 @@ from moe_hooked.interventions import ablate_experts
 if TYPE_CHECKING:
     from moe_hooked.model import HookedMoETransformer
 
-__all__ = ["ImportanceSums", "expert_importance"]
+__all__ = ["ImportanceSums", "expert_importance", "frequency_importance_correlation"]
 
 Method = Literal["ablation", "attribution"]
 Mode = Literal["zero", "reroute"]
@@ -283,3 +283,11 @@ def _importance_frame(
             "n_tokens": int(sums.predicted_tokens[d]),
         }))
     return pd.concat(frames, ignore_index=True)[COLUMNS]
+
+
+def frequency_importance_correlation(importance: pd.DataFrame) -> float:
+    """Spearman rank correlation between `routed_fraction` and `delta_nll` over the rows of an
+    `expert_importance` table: the Pearson correlation of their ranks (ties share their mean
+    rank), as ``scipy.stats.spearmanr`` computes it; NaN when either column is constant."""
+    ranks = importance[["routed_fraction", "delta_nll"]].rank()
+    return float(ranks["routed_fraction"].corr(ranks["delta_nll"]))

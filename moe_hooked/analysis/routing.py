@@ -42,23 +42,25 @@ class _RoutingAccumulator:
         self.n_experts = cfg.n_experts
         self.counts = torch.zeros(*shape, cfg.n_experts, dtype=torch.long, device=device)
         self.tokens = torch.zeros(shape, dtype=torch.long, device=device)
-        self.entropy_sum = torch.zeros(shape, dtype=torch.float64, device=device)
         self.coactivation = None
         if coactivation:
             self.coactivation = torch.zeros(*shape, cfg.n_experts, cfg.n_experts, dtype=torch.long, device=device)
         self.layers = list(cfg.moe_layers)
-        self.sequences: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
-        """batch index -> (domain, counts [b L E], tokens [b]) of its sequences."""
+        self.batches: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        """batch index -> (domain, counts [b L E] and tokens [b] of its sequences, entropy sum [L]).
+        The entropy sums (floats) are added up in batch order after gathering, so that their
+        total is the same bits whatever the number of processes (unlike a sum over ranks)."""
 
     def hooks(self, domain: int, mask: Bool[torch.Tensor, "batch pos"], index: int) -> list[tuple[str, Callable]]:
         """Forward hooks that add batch `index` (real tokens: `mask`) into the sums of `domain`."""
         shape = (mask.shape[0], len(self.layers), self.n_experts)
         per_sequence = torch.zeros(shape, dtype=torch.int32, device=mask.device)
-        self.sequences[index] = (domain, per_sequence, mask.sum(-1))
+        entropy = torch.zeros(len(self.layers), dtype=torch.float64, device=mask.device)
+        self.batches[index] = (domain, per_sequence, mask.sum(-1), entropy)
         hooks = []
         for i, layer in enumerate(self.layers):
             hooks.append((get_act_name("topk_indices", layer), partial(self._count, domain, i, mask, per_sequence)))
-            hooks.append((get_act_name("router_probs", layer), partial(self._entropy, domain, i, mask)))
+            hooks.append((get_act_name("router_probs", layer), partial(self._entropy, i, mask, entropy)))
         return hooks
 
     def _count(
@@ -79,15 +81,21 @@ class _RoutingAccumulator:
             as_float = selected.float()  # exact: per-batch sums stay far below 2**24
             self.coactivation[d, i] += (as_float.T @ as_float).long()
 
-    def _entropy(self, d: int, i: int, mask: torch.Tensor, probs: Float[torch.Tensor, "batch pos E"], hook) -> None:
-        self.entropy_sum[d, i] += torch.special.entr(probs[mask].double()).sum()
+    @staticmethod
+    def _entropy(
+        i: int, mask: torch.Tensor, entropy: Float[torch.Tensor, " L"], probs: Float[torch.Tensor, "batch pos E"], hook
+    ) -> None:
+        entropy[i] = torch.special.entr(probs[mask].double()).sum()
 
     def result(self, domains: list[str], top_k: int) -> RoutingCounts:
         """The sums, totalled over the ranks of a process group (if any), as RoutingCounts."""
-        sums = [self.counts, self.tokens, self.entropy_sum] + ([] if self.coactivation is None else [self.coactivation])
-        counts, tokens, entropy_sum, *coactivation = (x.cpu().numpy() for x in all_reduce_sums(sums, "routing_stats"))
-        by_batch = {i: (d, c.cpu().numpy(), n.cpu().numpy()) for i, (d, c, n) in self.sequences.items()}
-        sequences = gather_by_batch(by_batch, "routing_stats")  # every rank's, in single-process order
+        sums = [self.counts, self.tokens] + ([] if self.coactivation is None else [self.coactivation])
+        counts, tokens, *coactivation = (x.cpu().numpy() for x in all_reduce_sums(sums, "routing_stats"))
+        by_batch = {i: (d, *(x.cpu().numpy() for x in tensors)) for i, (d, *tensors) in self.batches.items()}
+        batches = gather_by_batch(by_batch, "routing_stats")  # every rank's, in single-process order
+        entropy_sum = np.zeros(tokens.shape)
+        for d, _, _, entropy in batches:
+            entropy_sum[d] += entropy
         return RoutingCounts(
             counts=counts,
             tokens=tokens,
@@ -96,9 +104,9 @@ class _RoutingAccumulator:
             top_k=top_k,
             coactivation=coactivation[0] if coactivation else None,
             entropy_sum=entropy_sum,
-            sequence_counts=np.concatenate([c for _, c, _ in sequences]),
-            sequence_tokens=np.concatenate([n for _, _, n in sequences]),
-            sequence_domains=np.concatenate([np.full(len(n), d) for d, _, n in sequences]),
+            sequence_counts=np.concatenate([c for _, c, _, _ in batches]),
+            sequence_tokens=np.concatenate([n for _, _, n, _ in batches]),
+            sequence_domains=np.concatenate([np.full(len(n), d) for d, _, n, _ in batches]),
         )
 
 

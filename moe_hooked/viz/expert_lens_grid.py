@@ -146,13 +146,16 @@ class ExpertLensGrid:
     def _repr_html_(self) -> str:
         return self.to_html()
 
+    def page(self) -> str:
+        """A standalone HTML page holding the grid (what `save` writes)."""
+        title = html.escape(self.title or "expert lens")
+        return (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>\n'
+            f"<body>\n{self.to_html()}\n</body></html>\n"
+        )
+
     def save(self, path: str | Path) -> Path:
         """Write a standalone HTML page holding the grid."""
         path = Path(path)
-        title = html.escape(self.title or "expert lens")
-        path.write_text(
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>\n'
-            f"<body>\n{self.to_html()}\n</body></html>\n",
-            encoding="utf-8",
-        )
+        path.write_text(self.page(), encoding="utf-8")
         return path

@@ -28,6 +28,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from moe_hooked.analysis.importance import frequency_importance_correlation
+
 PANEL_SIZE = (5.0, 3.4)
 
 
@@ -166,8 +168,6 @@ def importance_figure(importance: pd.DataFrame, ncols: int = 3) -> Figure:
     routed fraction, one point per (domain, expert), one colour per domain, one panel per
     layer titled with the Spearman rank correlation of the two. `importance`:
     `expert_importance(...)`."""
-    from scipy.stats import spearmanr
-
     _require(importance, ["domain", "layer", "expert", "routed_fraction", "delta_nll"], "expert_importance")
     layers = list(importance["layer"].unique())
     fig, axes = _panels(len(layers), ncols, (4.2, 3.4))
@@ -179,7 +179,7 @@ def importance_figure(importance: pd.DataFrame, ncols: int = 3) -> Figure:
                 error = np.abs(rows[["ci_low", "ci_high"]].to_numpy().T - rows["delta_nll"].to_numpy())
             ax.errorbar(rows["routed_fraction"], rows["delta_nll"], yerr=error, fmt="o", markersize=3,
                         elinewidth=0.6, label=str(domain))
-        rho = spearmanr(at_layer["routed_fraction"], at_layer["delta_nll"]).statistic
+        rho = frequency_importance_correlation(at_layer)
         ax.axhline(0.0, color="black", linewidth=0.6)
         ax.set(title=f"layer {layer}: Spearman rho = {rho:.2f}", xlabel="fraction of tokens routed",
                ylabel="loss increase when removed (nats)")
