@@ -57,6 +57,15 @@ class MoEConfig:
     router_dtype: RouterDtype = "float32"
     """Where the router softmax runs: "float32" (OLMoE, Qwen) or "model" (the
     parameter dtype, as the original DeepSeekMoE code does)."""
+    router_topk_softmax: bool = False
+    """The weights are the softmax of the chosen experts' logits, in the logits' dtype (gpt-oss:
+    top-k first, softmax second), instead of their probabilities renormalised: the same numbers in
+    exact arithmetic, rounded differently in low precision. Editing `hook_router_probs` then changes
+    which experts are chosen, not their weights."""
+    topk_weights_float32: bool = False
+    """The top-k weights stay in float32 and scale the expert outputs in float32 before the cast
+    to the model dtype (Mixtral, DeepSeek-V2/V3), instead of being cast to the model dtype first
+    (OLMoE, Qwen, gpt-oss, DeepSeekMoE): this changes low-precision results only."""
     d_shared_expert: int | None = None
     """Width of the shared expert (None: no shared expert)."""
     shared_expert_gated: bool = False
@@ -94,6 +103,10 @@ class MoEConfig:
     """Per-head value width."""
     rope_interleaved: bool = False
     """The rotated dims pair up as (x0, x1), (x2, x3), ... instead of the two halves (DeepSeek)."""
+    rope_float32: bool = False
+    """Rotate queries and keys in float32 with float32 cos/sin, then cast back (DeepSeek-V2's
+    complex-number rotation), instead of in the model dtype with cos/sin cast to it: this changes
+    low-precision results only."""
     attn_scale: float | None = None
     """Multiplier of q.k in the attention softmax (None: d_head ** -0.5)."""
 
@@ -134,6 +147,9 @@ class MoEConfig:
 
     # norms and embeddings
     eps: float = 1e-6
+    norm_gain_float32: bool = False
+    """RMSNorm gains multiply the float32 normalized value before the cast back to the model dtype
+    (gpt-oss), instead of the cast value (Llama and the other families): this changes bfloat16 results only."""
     tie_word_embeddings: bool = False
     act_fn: str = "silu"
     bos_token_id: int | None = None

@@ -47,7 +47,7 @@ class HookedMoETransformer(TransformerLensWeights, HookedRootModule):
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = MoEHookPoint()  # [batch pos d_model]
         self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
-        self.ln_final = RMSNormPre(cfg.eps)
+        self.ln_final = RMSNormPre(cfg.eps, cfg.norm_gain_float32)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
         self.expert_store: ExpertStore | None = None
         """Where the routed experts live when loaded with `expert_memory` (else None)."""

@@ -66,7 +66,7 @@ def test_router_route_is_the_blocks_routing(family_model, tokens):
         _, cache = model.run_with_cache(tokens)
     finally:
         handle.remove()
-    indices, weights = block.router.route(inputs[0], out_dtype=model.cfg.dtype)
+    indices, weights = block.router.route(inputs[0])
     assert torch.equal(indices, cache["topk_indices", layer])
     assert torch.equal(weights, cache["topk_weights", layer])
 

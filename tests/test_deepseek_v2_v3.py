@@ -6,8 +6,6 @@ import pytest
 import torch
 from deepseek_v2_models import deepseek_v2_config, deepseek_v3_config
 from families import build_and_save, parity_configs
-from hf_models import save_hf
-from transformers import AutoModelForCausalLM
 
 from moe_hooked import HookedMoETransformer
 from moe_hooked.loading import UnsupportedArchitectureError, deepseek_v2, deepseek_v3
@@ -70,28 +68,6 @@ def test_float32_logits_routing_and_hidden_states_match_with_padding(pair):
         ids, w = by_expert_id(cache["topk_indices", layer][real], cache["topk_weights", layer][real])
         assert torch.equal(hf_ids, ids), layer
         assert torch.allclose(hf_w, w, atol=1e-6), layer
-
-
-def test_bfloat16_top1_agreement_at_least_hf_sdpa_vs_eager(pair, tmp_path):
-    """In bfloat16, ours agrees with HF's eager model at least as often as HF's own sdpa model does.
-
-    The HF models are loaded from the bfloat16 checkpoint as a user would (`from_pretrained`
-    keeps the router and rotary tables in float32, which a plain `.to(bfloat16)` would not)."""
-    hf, _ = pair
-    folder = save_hf(hf.to(torch.bfloat16), tmp_path / "bf16")
-    hf.to(torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.bfloat16, attn_implementation="eager", experts_implementation="eager"
-    )
-    ours = HookedMoETransformer.from_pretrained(folder)
-    assert ours.cfg.dtype == torch.bfloat16
-    tokens = torch.randint(0, hf.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        eager = reference(tokens).logits.argmax(-1)
-        reference.set_attn_implementation("sdpa")
-        sdpa = reference(tokens).logits.argmax(-1)
-        ours_top1 = ours(tokens).argmax(-1)
-    assert (ours_top1 == eager).float().mean() >= (sdpa == eager).float().mean()
 
 
 # ----------------------------------------------------------------------------- config translation

@@ -11,7 +11,7 @@ from torch import nn
 from moe_hooked.components.hook_point import MoEHookPoint
 from moe_hooked.components.kv_cache import LayerKVCache, causal_mask, rotary_positions
 from moe_hooked.components.norms import RMSNorm
-from moe_hooked.components.rotary import RotaryEmbedding, rotate_half
+from moe_hooked.components.rotary import RotaryEmbedding, apply_rotary
 from moe_hooked.config import MoEConfig
 
 
@@ -69,8 +69,8 @@ class Attention(nn.Module):
             self.b_o = nn.Parameter(torch.empty(cfg.d_model))
         if cfg.qk_norm:
             per_head = cfg.qk_norm_per_head
-            self.q_norm = RMSNorm(cfg.d_head if per_head else q_width, cfg.eps)
-            self.k_norm = RMSNorm(cfg.d_head if per_head else kv_width, cfg.eps)
+            self.q_norm = RMSNorm(cfg.d_head if per_head else q_width, cfg.eps, cfg.norm_gain_float32)
+            self.k_norm = RMSNorm(cfg.d_head if per_head else kv_width, cfg.eps, cfg.norm_gain_float32)
         self.rotary = RotaryEmbedding(cfg.d_head, cfg.rope_theta, cfg.rope_yarn)
 
     @property
@@ -133,8 +133,8 @@ class Attention(nn.Module):
         k = self.hook_k(self._project(x, self.w_k, getattr(self, "b_k", None), getattr(self, "k_norm", None)))
         v = self.hook_v(self._project(x, self.w_v, getattr(self, "b_v", None), None))
         cos, sin = self._rotary_tables(positions, x)
-        q = self.hook_rot_q(q * cos + rotate_half(q) * sin)
-        k = self.hook_rot_k(k * cos + rotate_half(k) * sin)
+        q = self.hook_rot_q(apply_rotary(q, cos, sin))
+        k = self.hook_rot_k(apply_rotary(k, cos, sin))
         return q, k, v
 
     def attend(
@@ -166,9 +166,10 @@ class Attention(nn.Module):
     def _rotary_tables(
         self, positions: torch.Tensor | None, x: torch.Tensor
     ) -> tuple[Float[torch.Tensor, "batch pos 1 d_rot"], Float[torch.Tensor, "batch pos 1 d_rot"]]:
-        """cos/sin at `positions` [batch pos] (None: 0..pos-1), broadcastable over heads."""
+        """cos/sin at `positions` [batch pos] (None: 0..pos-1), broadcastable over heads, in float32
+        with `cfg.rope_float32`, else in `x`'s dtype."""
         n_pos = x.shape[1] if positions is None else int(positions.max()) + 1
-        cos, sin = self.rotary(n_pos, x.dtype, x.device)
+        cos, sin = self.rotary(n_pos, torch.float32 if self.cfg.rope_float32 else x.dtype, x.device)
         if positions is None:
             return cos[None, :, None, :], sin[None, :, None, :]
         return cos[positions][:, :, None, :], sin[positions][:, :, None, :]
@@ -178,7 +179,10 @@ class Attention(nn.Module):
         scores = self.hook_attn_scores(scores.masked_fill_(~mask, torch.finfo(scores.dtype).min))
         if self.cfg.attn_sinks:
             sinks = self.hook_sinks(self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1))
-            probs = F.softmax(torch.cat((scores, sinks), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+            logits = torch.cat((scores, sinks), dim=-1)
+            # minus the max, and the softmax's output, in the scores' dtype, as gpt-oss's reference computes them
+            logits = logits - logits.amax(dim=-1, keepdim=True)
+            probs = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
         else:
             probs = F.softmax(scores, dim=-1, dtype=torch.float32)
         pattern = self.hook_pattern(probs.to(q.dtype))

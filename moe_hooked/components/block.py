@@ -22,9 +22,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: MoEConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
+        self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_gain_float32)
         self.attn = MLAttention(cfg) if cfg.attention_type == "mla" else Attention(cfg, cfg.attention_window(layer))
-        self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_gain_float32)
         self.mlp = MoEBlock(cfg) if cfg.is_moe_layer(layer) else GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
         self.hook_resid_pre = MoEHookPoint()  # [batch pos d_model]
         self.hook_attn_out = MoEHookPoint()  # [batch pos d_model]

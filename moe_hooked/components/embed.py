@@ -23,8 +23,10 @@ class Unembed(nn.Module):
     """Final-norm gain and output projection: logits = (gain * normalized) @ weight^T.
 
     `weight` [d_vocab, d_model] is the hub's `lm_head.weight`, `gain` [d_model] the final
-    RMSNorm's weight, applied here in the model dtype exactly as the reference does, so
-    that `ln_final` (which has no gain) plus this module reproduce the logits bit for bit.
+    RMSNorm's weight, applied here in the dtype of `normalized` (the model dtype, or float32
+    when the model's norms apply their gain in float32) and cast to the model dtype, exactly
+    as the reference does, so that `ln_final` (which has no gain) plus this module reproduce
+    the logits bit for bit.
     `W_U` [d_model d_vocab] is the gain folded into the projection, so that
     `ln_final(x) @ W_U` gives the logits (exactly, up to rounding in low precision).
     """
@@ -43,5 +45,5 @@ class Unembed(nn.Module):
         """The columns of `W_U` for `tokens`, without materialising all of `W_U`."""
         return (self.weight[tokens].float() * self.gain.float()).to(self.weight.dtype)
 
-    def forward(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
-        return F.linear(self.gain * x, self.weight)
+    def forward(self, normalized: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
+        return F.linear((self.gain * normalized).to(self.weight.dtype), self.weight)

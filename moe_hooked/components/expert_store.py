@@ -195,7 +195,7 @@ class ExpertStore:
             return
         next_name, router = self._next[name]
         with torch.no_grad():
-            indices, _ = router.route(x, out_dtype=x.dtype)
+            indices, _ = router.route(x)
             counts = torch.bincount(indices.flatten(), minlength=router.weight.shape[0])
         order = [int(e) for e in torch.argsort(counts, descending=True, stable=True) if counts[e] > 0]
         with self._cond:

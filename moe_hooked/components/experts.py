@@ -21,6 +21,17 @@ HiddenEdit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(pre, pre_linear) [n k d_expert] -> post [n k d_expert]."""
 
 
+def linear_then_bias(
+    x: Float[torch.Tensor, "n d_in"],
+    weight: Float[torch.Tensor, "d_out d_in"],
+    bias: Float[torch.Tensor, " d_out"] | None,
+) -> Float[torch.Tensor, "n d_out"]:
+    """x W^T, then + bias as a second step (rounded twice in low precision, as gpt-oss's
+    reference computes its experts; a fused `F.linear(x, W, b)` rounds once)."""
+    out = F.linear(x, weight)
+    return out if bias is None else out + bias
+
+
 class Experts(nn.Module):
     """`n_experts` SwiGLU experts stored stacked.
 
@@ -136,7 +147,7 @@ class Experts(nn.Module):
     ) -> tuple[Float[torch.Tensor, "n d_expert"], Float[torch.Tensor, "n d_expert"]]:
         """Expert `e`'s input projections: (pre = x W_gate^T [+ b_gate], pre_linear = x W_up^T [+ b_up])."""
         w = self.weights(e)
-        return F.linear(x, w["W_gate"], w.get("b_gate")), F.linear(x, w["W_up"], w.get("b_up"))
+        return linear_then_bias(x, w["W_gate"], w.get("b_gate")), linear_then_bias(x, w["W_up"], w.get("b_up"))
 
     def activate(
         self, pre: Float[torch.Tensor, "... d_expert"], pre_linear: Float[torch.Tensor, "... d_expert"]
@@ -150,7 +161,7 @@ class Experts(nn.Module):
     def down(self, e: int, post: Float[torch.Tensor, "n d_expert"]) -> Float[torch.Tensor, "n d_model"]:
         """Expert `e`'s output projection (+ b_down)."""
         w = self.weights(e)
-        return F.linear(post, w["W_down"], w.get("b_down"))
+        return linear_then_bias(post, w["W_down"], w.get("b_down"))
 
     def forward(
         self,

@@ -11,7 +11,7 @@ from torch import nn
 from moe_hooked.components.attention import Attention
 from moe_hooked.components.hook_point import MoEHookPoint
 from moe_hooked.components.norms import RMSNorm
-from moe_hooked.components.rotary import RotaryEmbedding, rotate_half
+from moe_hooked.components.rotary import RotaryEmbedding, apply_rotary
 from moe_hooked.config import MoEConfig
 
 LATENT_NORM_EPS = 1e-6
@@ -108,4 +108,4 @@ class MLAttention(Attention):
         nope, rope = t.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
         if self.cfg.rope_interleaved:  # (x0, x1), (x2, x3), ... -> (x0, x2, ..., x1, x3, ...)
             rope = rope.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-        return torch.cat([nope, rope * cos + rotate_half(rope) * sin], dim=-1)
+        return torch.cat([nope, apply_rotary(rope, cos, sin)], dim=-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import nn
 
 from moe_hooked.components.experts import Experts, HiddenEdit
@@ -12,6 +12,23 @@ from moe_hooked.components.hook_point import MoEHookPoint
 from moe_hooked.components.mlp import GatedMLP
 from moe_hooked.components.router import Router
 from moe_hooked.config import MoEConfig
+
+
+def weighted_sum(
+    weights: Float[torch.Tensor, "batch pos k"],
+    expert_out: Float[torch.Tensor, "batch pos k d_model"],
+    indices: Int[torch.Tensor, "batch pos k"],
+) -> Float[torch.Tensor, "batch pos d_model"]:
+    """sum_k w_k * out_k as the references accumulate it: each product in the promoted dtype of
+    the two (float32 with float32 weights), cast to the outputs' dtype, and the products added
+    one by one in that dtype in ascending expert id order (the order of their per-expert loop)."""
+    terms = (weights.unsqueeze(-1) * expert_out).to(expert_out.dtype)
+    order = indices.argsort(dim=-1, stable=True)
+    terms = terms.gather(-2, order.unsqueeze(-1).expand_as(terms))
+    total = terms[..., 0, :]
+    for slot in range(1, terms.shape[-2]):
+        total = total + terms[..., slot, :]
+    return total
 
 
 class MoEBlock(nn.Module):
@@ -64,7 +81,7 @@ class MoEBlock(nn.Module):
         selection = self.router.selection_scores(logits, probs)
         if self.cfg.router_selection_bias:
             selection = self.hook_selection_scores(selection)
-        indices, weights = self.router.select(probs, selection, out_dtype=x.dtype)
+        indices, weights = self.router.select(logits, probs, selection, x.dtype)
         indices = self.hook_topk_indices(indices)
         weights = self.hook_topk_weights(weights)
         flat_x = x.flatten(0, 1)
@@ -73,7 +90,7 @@ class MoEBlock(nn.Module):
         expert_out = self.hook_expert_out(expert_out.unflatten(0, x.shape[:2]))
         if self.compute_all_experts:
             self.hook_all_expert_out(self.experts.forward_all(flat_x).unflatten(0, x.shape[:2]))
-        routed = self.hook_routed_out((weights.unsqueeze(-1) * expert_out).sum(dim=-2))
+        routed = self.hook_routed_out(weighted_sum(weights, expert_out, indices))
         if not self.cfg.d_shared_expert:
             return routed
         return routed + self.hook_shared_out(self.shared(x))

@@ -27,6 +27,16 @@ def rotate_half(x: Float[torch.Tensor, "... d_head"]) -> Float[torch.Tensor, "..
     return torch.cat((-second, first), dim=-1)
 
 
+def apply_rotary(
+    x: Float[torch.Tensor, "... d_rot"],
+    cos: Float[torch.Tensor, "... d_rot"],
+    sin: Float[torch.Tensor, "... d_rot"],
+) -> Float[torch.Tensor, "... d_rot"]:
+    """x * cos + rotate_half(x) * sin in the dtype of the tables (float32 tables rotate a
+    low-precision `x` in float32), returned in `x`'s dtype."""
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's magnitude correction 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0

@@ -46,14 +46,14 @@ class Router(nn.Module):
         return F.softmax(logits, dim=-1, dtype=dtype)
 
     def route(
-        self, x: Float[torch.Tensor, "... d_model"], out_dtype: torch.dtype
+        self, x: Float[torch.Tensor, "... d_model"]
     ) -> tuple[Int[torch.Tensor, "... k"], Float[torch.Tensor, "... k"]]:
         """The whole routing of `x` without hook points in between (logits -> probs ->
         selection scores -> top-k), for code that predicts routing, such as the expert store's
         read-ahead; the MoE block runs the same steps with a hook point between each."""
         logits = self.logits(x)
         probs = self.probs(logits)
-        return self.select(probs, self.selection_scores(logits, probs), out_dtype)
+        return self.select(logits, probs, self.selection_scores(logits, probs), x.dtype)
 
     def selection_scores(
         self, logits: Float[torch.Tensor, "... n_experts"], probs: Float[torch.Tensor, "... n_experts"]
@@ -68,20 +68,27 @@ class Router(nn.Module):
 
     def select(
         self,
+        logits: Float[torch.Tensor, "... n_experts"],
         probs: Float[torch.Tensor, "... n_experts"],
         selection_scores: Float[torch.Tensor, "... n_experts"],
-        out_dtype: torch.dtype,
+        model_dtype: torch.dtype,
     ) -> tuple[Int[torch.Tensor, "... k"], Float[torch.Tensor, "... k"]]:
-        """Top-k expert ids by selection score (slot 0 = highest) and their weights in `out_dtype`.
+        """Top-k expert ids by selection score (slot 0 = highest) and their weights, in
+        float32 with `cfg.topk_weights_float32`, else in `model_dtype`.
 
         The weights are the chosen experts' `probs`, renormalised to sum to one when
-        `cfg.norm_topk_prob`, times `cfg.routed_scaling_factor`.
+        `cfg.norm_topk_prob`, or with `cfg.router_topk_softmax` the softmax of their `logits`;
+        then times `cfg.routed_scaling_factor`.
         """
         indices = self.eligible(selection_scores).topk(self.cfg.top_k, dim=-1).indices
-        weights = probs.gather(-1, indices)
-        if self.cfg.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.cfg.norm_topk_eps)
-        return indices, (weights * self.cfg.routed_scaling_factor).to(out_dtype)
+        if self.cfg.router_topk_softmax:
+            weights = F.softmax(logits.gather(-1, indices), dim=-1)  # in the logits' dtype
+        else:
+            weights = probs.gather(-1, indices)
+            if self.cfg.norm_topk_prob:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + self.cfg.norm_topk_eps)
+        dtype = torch.float32 if self.cfg.topk_weights_float32 else model_dtype
+        return indices, (weights * self.cfg.routed_scaling_factor).to(dtype)
 
     def eligible(self, scores: Float[torch.Tensor, "... n_experts"]) -> Float[torch.Tensor, "... n_experts"]:
         """`scores` with -inf outside each token's `cfg.topk_groups` best expert groups.

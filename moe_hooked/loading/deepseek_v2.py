@@ -5,9 +5,9 @@ As transformers' `DeepseekV2ForCausalLM` computes them:
 - attention is multi-head latent attention (`MLAttention`): queries from `q_proj`, or from
   `q_a_proj` -> `q_a_layernorm` -> `q_b_proj` when `q_lora_rank` is set; keys and values from
   `kv_a_proj_with_mqa` (latent of width `kv_lora_rank` + one shared rotary key part of width
-  `qk_rope_head_dim`) -> `kv_a_layernorm` -> `kv_b_proj`; rotary on interleaved pairs; with
-  YaRN (`rope_scaling` type "yarn") the softmax scale is multiplied by mscale(factor,
-  mscale_all_dim)^2;
+  `qk_rope_head_dim`) -> `kv_a_layernorm` -> `kv_b_proj`; rotary on interleaved pairs,
+  computed in float32 (as complex numbers) and cast back; with YaRN (`rope_scaling` type
+  "yarn") the softmax scale is multiplied by mscale(factor, mscale_all_dim)^2;
 - layer i is a MoE block iff `i >= first_k_dense_replace` (and `i % moe_layer_freq == 0`, as
   the checkpoints' own code says; transformers ignores `moe_layer_freq`, which is 1 in every
   released checkpoint); the others are dense SwiGLU MLPs of width `intermediate_size`;
@@ -15,7 +15,8 @@ As transformers' `DeepseekV2ForCausalLM` computes them:
   `num_experts_per_tok` of `n_routed_experts`: "greedy" over all experts, or
   "group_limited_greedy" within the `topk_group` of `n_group` groups whose best expert scores
   highest; the weights are the softmax probabilities times `routed_scaling_factor`, never
-  renormalised (transformers does not apply `norm_topk_prob` to V2; neither does this module);
+  renormalised (transformers does not apply `norm_topk_prob` to V2; neither does this module),
+  and stay in float32 to scale the experts' outputs;
 - `n_shared_experts` shared experts are one SwiGLU MLP of width
   `n_shared_experts * moe_intermediate_size` (`mlp.shared_experts`).
 """
@@ -94,6 +95,7 @@ def mla_fields(hf: PretrainedConfig, raw: dict) -> dict:
         d_shared_expert=hf.n_shared_experts * hf.moe_intermediate_size,
         router_dtype="float32",
         router_logits_float32=True,
+        topk_weights_float32=True,
         routed_scaling_factor=float(hf.routed_scaling_factor),
         attention_type="mla",
         q_lora_rank=hf.q_lora_rank,
@@ -121,6 +123,7 @@ def config_from_hf(raw: dict) -> MoEConfig:
         topk_groups=hf.topk_group if grouped else 1,
         group_score="max",
         rope_interleaved=True,
+        rope_float32=True,
     )
 
 

@@ -2,12 +2,14 @@
 
 Differences from Llama:
 
+- RMSNorm: the gain multiplies the float32 normalized value, before the cast back;
 - attention: q/k/v/o biases; a learned sink logit per head joining the softmax
   (`self_attn.sinks`); layers alternate sliding-window and full attention as `layer_types`
   says; YaRN RoPE;
 - every layer is MoE, without shared expert: the router has a bias
-  (`mlp.router.{weight,bias}`), the weights are the softmax over the k largest logits
-  (= the top-k of the softmax over all experts, renormalised: `norm_topk_prob`);
+  (`mlp.router.{weight,bias}`), the weights are the softmax over the k largest logits, in
+  the logits' dtype (= the top-k of the softmax over all experts, renormalised:
+  `norm_topk_prob`, but rounded as the reference rounds it: `router_topk_softmax`);
 - experts have biases and the clamped SwiGLU (up + 1) * g * sigmoid(alpha g), g and up
   clamped at `swiglu_limit`; they are stored fused: `mlp.experts.gate_up_proj`
   [E, d_model, 2 d_expert] with gate and up columns interleaved (gate even, up odd),
@@ -66,12 +68,14 @@ def config_from_hf(raw: dict) -> MoEConfig:
         **llama_like.common_fields(hf.to_dict()),
         **mixtral.routing_fields(hf),
         router_bias=True,
+        router_topk_softmax=True,
         expert_bias=True,
         swiglu_limit=hf.swiglu_limit,
         swiglu_alpha=hf.swiglu_alpha,
         qkv_bias=hf.attention_bias,
         o_bias=hf.attention_bias,
         attn_sinks=True,
+        norm_gain_float32=True,
         **llama_like.sliding_window_fields(hf.sliding_window, sliding),
         default_prepend_bos=PREPENDS_BOS,
         original_config=raw,

@@ -2,8 +2,8 @@
 
 Differences from Llama: every layer is MoE, its MLP named `block_sparse_moe` with router
 `gate` and experts `experts.{e}.w1` (gate), `w3` (up), `w2` (down); router softmax in
-float32, top-k (2) always renormalised; a sliding window on every layer when the config
-sets `sliding_window`.
+float32, top-k (2) always renormalised, the weights kept in float32; a sliding window on
+every layer when the config sets `sliding_window`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ MOE_WEIGHTS = {
 
 def routing_fields(hf: MixtralConfig) -> dict:
     """Mixtral's MoE fields (gpt-oss's too): `num_local_experts` experts of width
-    `intermediate_size` in every layer, float32 softmax, top-k renormalised."""
+    `intermediate_size` in every layer, float32 softmax, top-k renormalised (the weights'
+    dtype differs: `config_from_hf` sets Mixtral's)."""
     return dict(
         n_experts=hf.num_local_experts,
         top_k=hf.num_experts_per_tok,
@@ -43,6 +44,7 @@ def config_from_hf(raw: dict) -> MoEConfig:
         architecture=MODEL_TYPE,
         **llama_like.common_fields(hf.to_dict()),
         **routing_fields(hf),
+        topk_weights_float32=True,
         **llama_like.sliding_window_fields(hf.sliding_window, range(hf.num_hidden_layers)),
         default_prepend_bos=PREPENDS_BOS,
         original_config=raw,
