@@ -21,16 +21,17 @@ CHILD = """
 import resource, torch
 from moe_hooked import HookedMoETransformer
 from moe_hooked._malloc import keep_freed_memory
+torch.set_num_threads(1)  # every allocation from the main thread's heap (worker threads have arenas of their own)
 model = HookedMoETransformer.from_pretrained("moe-hooked/demo")
 # 7 x 256 tokens: the logits (29 MiB) stay below glibc's largest mmap threshold, as every cached tensor does
 tokens = torch.randint(4, model.cfg.d_vocab, (7, 256), generator=torch.Generator().manual_seed(0))
 faults = []
 with torch.inference_mode():
-    for _ in range(3):
+    for _ in range(5):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model.run_with_cache(tokens)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(keep_freed_memory(), faults[-1])
+print(keep_freed_memory(), sum(faults[1:]))
 """
 
 pytestmark = pytest.mark.skipif(
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def repeated_cache_faults(**env: str) -> tuple[bool, int]:
-    """(whether the setting was applied, minor page faults of the third full cache) in a fresh process."""
+    """(whether the setting was applied, minor page faults of the 2nd to 5th full caches) in a fresh process."""
     child_env = {k: v for k, v in os.environ.items() if k not in (OPT_OUT, "GLIBC_TUNABLES")} | env
     out = subprocess.run([sys.executable, "-c", CHILD], env=child_env, capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()
@@ -51,5 +52,5 @@ def test_a_repeated_full_cache_reuses_freed_memory_instead_of_faulting_it_in_aga
     opted_out, returned = repeated_cache_faults(**{OPT_OUT: "0"})
     assert applied and not opted_out
     mib_returned = returned * 4096 / 2**20
-    assert mib_returned > 32, "the opt-out run should map fresh memory for most of its cache"
-    assert kept < returned / 4, (kept, returned)
+    assert mib_returned > 32, f"the opt-out run should map fresh memory for most of its cache ({kept=}, {returned=})"
+    assert kept < returned / 2, (kept, returned)
