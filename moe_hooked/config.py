@@ -8,6 +8,7 @@ checkpoint family it runs.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -245,7 +246,16 @@ class MoEConfig:
         return [self.check_moe_layer(layer) for layer in layers]
 
     def check_expert(self, expert: int) -> int:
-        """Return ``expert`` if it is a valid routed-expert id, else raise a ValueError."""
+        """``expert`` as an int if it is a valid routed-expert id: a whole number (int, numpy or
+        0-d torch integer; not a bool) in 0..n_experts-1. Anything else raises a ValueError."""
+        try:
+            if isinstance(expert, bool):
+                raise TypeError
+            expert = operator.index(expert)
+        except TypeError:
+            raise ValueError(
+                f"expert ids must be whole numbers, got {expert!r}: valid ids are 0..{self.n_experts - 1}"
+            ) from None
         if not 0 <= expert < self.n_experts:
             raise ValueError(f"expert id {expert} is out of range: valid ids are 0..{self.n_experts - 1}")
         return expert

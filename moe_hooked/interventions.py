@@ -38,7 +38,6 @@ batch * pos * n_experts * d_model values per layer (n_experts / top_k times `hoo
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -84,22 +83,12 @@ def _cfg(model: HookedMoETransformer | MoEConfig) -> MoEConfig:
     return cfg
 
 
-def _expert_id(expert) -> int:
-    """`expert` as an int if it is a whole number (int, numpy or 0-d torch integer), else a ValueError."""
-    try:
-        if isinstance(expert, bool):
-            raise TypeError
-        return operator.index(expert)
-    except TypeError:
-        raise ValueError(f"expert ids must be whole numbers, got {expert!r}") from None
-
-
 def _expert_ids(cfg: MoEConfig, experts: int | Iterable[int]) -> list[int]:
     many = isinstance(experts, Iterable) and not (isinstance(experts, torch.Tensor) and experts.ndim == 0)
-    ids = [_expert_id(e) for e in experts] if many else [_expert_id(experts)]
+    ids = [cfg.check_expert(e) for e in experts] if many else [cfg.check_expert(experts)]
     if len(set(ids)) != len(ids):
         raise ValueError(f"expert ids {ids} contain duplicates")
-    return [cfg.check_expert(e) for e in ids]
+    return ids
 
 
 def _expert_spec(cfg: MoEConfig, experts: Mapping[int, int | Iterable[int]]) -> dict[int, list[int]]:

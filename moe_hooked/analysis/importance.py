@@ -187,7 +187,7 @@ def _check_options(model: HookedMoETransformer, method: str, mode: str, experts)
             "use method='ablation' with mode='reroute'"
         )
     ids = range(model.cfg.n_experts) if experts is None else ([experts] if isinstance(experts, int) else experts)
-    ids = [model.cfg.check_expert(int(e)) for e in ids]
+    ids = [model.cfg.check_expert(e) for e in ids]
     if not ids or len(set(ids)) != len(ids):
         raise ValueError(f"experts must be a non-empty list of distinct expert ids, got {ids}")
     return ids

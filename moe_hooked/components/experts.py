@@ -98,9 +98,7 @@ class Experts(nn.Module):
         [d_model]. `W_in[e]` is `expert_weights(e)["W_up"].T` (likewise `W_gate_in`, `W_out`).
         Editing the copies changes nothing in the model.
         """
-        if isinstance(e, bool) or not hasattr(e, "__index__") or not 0 <= e.__index__() < self.cfg.n_experts:
-            raise ValueError(f"expert {e!r} does not exist: valid ids are the integers 0..{self.cfg.n_experts - 1}")
-        e = e.__index__()
+        e = self.cfg.check_expert(e)
         with self._resident([e]):
             return {name: w.detach().clone() for name, w in self.weights(e).items()}
 
