@@ -73,8 +73,9 @@ class HookedMoETransformer(TransformerLensWeights, HookedRootModule):
     ) -> HookedMoETransformer:
         """Load a checkpoint in Hugging Face format (config.json + safetensors).
 
-        `dtype=None` keeps the checkpoint's own dtype; `device=None` picks CUDA when available
-        (as TransformerLens does), else the CPU; an explicit `device` always wins; `router_dtype`
+        `dtype=None` runs in config.json's `dtype` (else the stored tensors'), as transformers'
+        `dtype="auto"` does; `device=None` picks CUDA when available (as TransformerLens does),
+        else the CPU; an explicit `device` always wins; `router_dtype`
         overrides where the router softmax runs ("float32" or "model"; default: as the architecture
         does); `check_finite=True` refuses a checkpoint with NaN/Inf weights, listing all of them.
         `expert_memory` (bytes, or a size such as "2GiB", "512MiB", "1.5GB"): keep the routed

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
 from families import parity_configs
 from hf_models import build_hf, save_hf
+from transformers import AutoModelForCausalLM
 
 from moe_hooked import HookedMoETransformer
 
@@ -54,6 +58,24 @@ def test_dtype_argument_overrides_checkpoint_dtype(pair, tmp_path):
     folder = save_hf(hf, tmp_path / "f32")
     ours = HookedMoETransformer.from_pretrained(folder, dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+
+
+@pytest.mark.parametrize(
+    ("stored", "declared"),
+    [(torch.float32, "bfloat16"), (torch.bfloat16, "float32"), (torch.bfloat16, None), (torch.float32, None)],
+)
+def test_default_dtype_is_the_one_transformers_auto_picks(pair, tmp_path, stored, declared):
+    """Without `dtype=`, the model runs in config.json's declared dtype, else in the stored
+    tensors' dtype: whatever `transformers` loads with `dtype="auto"`."""
+    hf, _ = pair
+    folder = save_hf(copy.deepcopy(hf).to(stored), tmp_path / "model")
+    config_path = folder / "config.json"
+    config = {k: v for k, v in json.loads(config_path.read_text()).items() if k not in ("dtype", "torch_dtype")}
+    config_path.write_text(json.dumps(config | ({"dtype": declared} if declared else {})))
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").dtype
+    ours = HookedMoETransformer.from_pretrained(folder)
+    assert reference == (getattr(torch, declared) if declared else stored)
+    assert {p.dtype for p in ours.parameters()} == {reference}
 
 
 def test_padded_batch_matches_unpadded_rows(pair):

@@ -115,7 +115,7 @@ def load_pretrained(
     raw = read_config(folder)
     arch = family(raw)
     files = safetensors_files(folder)
-    overrides = {"dtype": _as_dtype(dtype) or checkpoint_dtype(files), "device": torch.device(device or default_device())}
+    overrides = {"dtype": _as_dtype(dtype) or checkpoint_dtype(raw, files), "device": torch.device(device or default_device())}
     if router_dtype is not None:
         overrides["router_dtype"] = router_dtype
     cfg = dataclasses.replace(arch.config_from_hf(raw), **overrides)

@@ -72,16 +72,19 @@ def _hub_tensor(params: dict[str, torch.Tensor], targets: tuple[Target, ...]) ->
     return hub
 
 
-def save_hub_checkpoint(model: HookedMoETransformer, folder: str | Path, hf_config: dict) -> Path:
+def save_hub_checkpoint(
+    model: HookedMoETransformer, folder: str | Path, hf_config: dict, dtype: torch.dtype | None = None
+) -> Path:
     """Save `model` to `folder` as a Hugging Face checkpoint: config.json (`hf_config`),
-    model.safetensors with the family's hub keys, and the tokenizer files if the model has a
-    tokenizer. `HookedMoETransformer.from_pretrained(folder)` loads it back with the same logits.
+    model.safetensors with the family's hub keys (stored in `dtype`, default the model's), and
+    the tokenizer files if the model has a tokenizer. `HookedMoETransformer.from_pretrained(folder)`
+    loads it back with the same logits (when `dtype` holds the weights exactly).
 
     `hf_config` must describe the model: it is translated with its family's `config_from_hf`
     and compared with `model.cfg` field by field (a mismatch raises a ValueError).
     """
     folder = Path(folder)
-    tensors = hub_state_dict(model, hf_config)
+    tensors = {key: tensor.to(dtype or tensor.dtype) for key, tensor in hub_state_dict(model, hf_config).items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
