@@ -6,7 +6,9 @@
 2. a random DeepSeekMoE-16B-shaped bfloat16 checkpoint (32.8 GB, written on the fly and deleted):
    tokens/s with the routed experts offloaded (`expert_memory`) under
    `torch.cuda.set_per_process_memory_fraction` emulating a 16 GB card, against the same model all in
-   GPU memory where it fits.
+   GPU memory where it fits;
+3. `torchrun -m moe_hooked report` with one process per GPU (NCCL, `cuda:LOCAL_RANK`) against
+   `python -m moe_hooked report` on one GPU: routing counts equal, the backend recorded, seconds.
 
 Without CUDA it says so and exits (status 0); `--dry-run` runs every step on the CPU at toy sizes
 (a 2-layer DeepSeekMoE-shaped checkpoint) to check the script itself.
@@ -17,8 +19,11 @@ Without CUDA it says so and exits (status 0); `--dry-run` runs every step on the
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -134,6 +139,34 @@ def offload_rows(device: torch.device, cfg: dict, card_bytes: int, budget: str, 
     return rows
 
 
+def distributed_rows(device: torch.device, workdir: Path) -> list[tuple]:
+    """The default report (128 tokens per domain) by `torchrun`, one process per GPU (NCCL), and by
+    one process: whether the routing counts are equal, the backend the report records, and the
+    wall time of each. On the CPU (dry run): two gloo processes."""
+    n_procs = torch.cuda.device_count() if device.type == "cuda" else 2
+    report = ["report", "--max-tokens", "128", "--device", device.type]
+    runs = {
+        f"torchrun, {n_procs} process(es)": ["-m", "torch.distributed.run", "--nproc-per-node", str(n_procs), "-m", "moe_hooked"],
+        "one process": ["-m", "moe_hooked"],
+    }
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    rows, counts = [], {}
+    for name, launcher in runs.items():
+        out = workdir / name.replace(" ", "_").replace(",", "")
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, *launcher, *report, "--out", str(out)], env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            rows.append((name, f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}", "", f"{seconds:.0f}"))
+            continue
+        counts[name] = (out / "counts.json").read_text()
+        meta = json.loads((out / "report.json").read_text())
+        rows.append((name, meta["options"]["world_size"], meta["options"]["backend"], f"{seconds:.0f}"))
+    equal = len(set(counts.values())) == 1 and len(counts) == len(runs)
+    rows.append(("routing counts equal", "yes" if equal else "NO", "", ""))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU, to check the script")
@@ -155,6 +188,8 @@ def main() -> None:
         offload = offload_rows(device, cfg, int(args.card_gb * 1e9), budget, 16 if args.dry_run else 512, Path(workdir))
         print()
         print(markdown_table(["DeepSeekMoE-16B shapes, bfloat16", "tokens/s", "prefetch hit rate", "MiB read / token"], offload))
+        print()
+        print(markdown_table(["report run", "world size", "backend", "seconds"], distributed_rows(device, Path(workdir))), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     print(f"\n{name}, {time.perf_counter() - start:.0f} s in all")
 
