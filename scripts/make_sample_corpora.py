@@ -49,14 +49,16 @@ def from_templates(templates: list[str], vocab: dict[str, list[str]]) -> list[Se
 
 
 def paragraphs(rng: random.Random, sentences: list[Sentence], lo: int, hi: int,
-               sep: str = " ") -> list[str]:
-    """``N_SAMPLES`` distinct paragraphs, each made of ``lo..hi`` sentences from distinct
+               sep: str = " ", n_samples: int = N_SAMPLES) -> list[str]:
+    """``n_samples`` distinct paragraphs, each made of ``lo..hi`` sentences from distinct
     generators."""
     out: list[str] = []
-    while len(out) < N_SAMPLES:
+    seen: set[str] = set()
+    while len(out) < n_samples:
         chosen = rng.sample(sentences, rng.randint(lo, hi))
         text = sep.join(make(rng) for make in chosen)
-        if text not in out:
+        if text not in seen:
+            seen.add(text)
             out.append(text)
     return out
 
@@ -410,12 +412,13 @@ DOMAINS: dict[str, tuple[list[Sentence], int, int, str]] = {
 }
 
 
-def generate(seed: int = SEED) -> dict[str, str]:
-    """``{domain: file contents}``; each domain has its own seeded generator."""
+def generate(seed: int = SEED, n_samples: int = N_SAMPLES) -> dict[str, str]:
+    """``{domain: file contents}`` of ``n_samples`` lines each; each domain has its own seeded
+    generator (the training script draws more samples with another seed)."""
     files = {}
     for offset, (domain, (sentences, lo, hi, sep)) in enumerate(DOMAINS.items()):
         rng = random.Random(seed + offset)
-        files[domain] = "\n".join(paragraphs(rng, sentences, lo, hi, sep)) + "\n"
+        files[domain] = "\n".join(paragraphs(rng, sentences, lo, hi, sep, n_samples)) + "\n"
     return files
 
 

@@ -7,16 +7,20 @@ BPE tokenizer on:
 
 - the texts of `--data` (default `../shared/data/domains/*.txt`, one sample per line), the
   last `--held-out` samples of each file kept aside for evaluation;
-- the package's built-in sample corpora (`moe_hooked/assets/corpora/`).
+- the package's built-in sample corpora (`moe_hooked/assets/corpora/`), plus
+  `--generated-samples` more per domain drawn from the same generators
+  (`scripts/make_sample_corpora.py`) with another seed.
 
 Training: AdamW, linear warm-up then cosine decay, gradient clipping, a Switch-Transformer
 load-balancing loss read from `hook_router_probs` / `hook_topk_indices` through hooks, fixed
 seeds and a seeded data order. It prints the loss curve and the final held-out perplexity
-per domain, then saves the checkpoint in the real DeepSeekMoE hub layout (config.json,
-model.safetensors with per-expert keys, tokenizer files) and checks that
-`HookedMoETransformer.from_pretrained` loads it back with identical logits.
+per domain, then rounds the weights to bfloat16 (the checkpoint's storage dtype; config.json
+keeps float32 as the dtype to run in), reports the held-out perplexity of that rounded model,
+saves it in the real DeepSeekMoE hub layout (config.json, model.safetensors with per-expert keys,
+tokenizer files) and checks that `HookedMoETransformer.from_pretrained` loads it back with
+identical logits.
 
-    python scripts/train_demo_model.py     # ~13 min wall-clock (11 min CPU) on a shared 2-core machine
+    python scripts/train_demo_model.py     # ~70 min on one core of a 2-core machine
     python scripts/train_demo_model.py --steps 20 --out /tmp/demo   # a quick smoke run
 """
 
@@ -34,18 +38,23 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from moe_hooked import HookedMoETransformer, MoEConfig
+from make_sample_corpora import generate as generate_sample_corpora
 from moe_hooked.data import builtin_corpora, iter_token_batches, load_texts
 from moe_hooked.loading.export import save_hub_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
 BUILTIN_PREFIX = "builtin-"
+GENERATED_SEED = 7_000_000
 
 
 # ------------------------------------------------------------------------------------- data
-def read_domains(data_dir: Path, n_held_out: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def read_domains(
+    data_dir: Path, n_held_out: int, n_generated: int
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(train, held_out) samples per domain: each `*.txt` of `data_dir` split at its last
-    `n_held_out` samples, plus the built-in corpora (training only) as `builtin-<name>`."""
+    `n_held_out` samples, plus (training only) the built-in corpora and `n_generated` more
+    samples per built-in domain from their generators, as `builtin-<name>`."""
     files = sorted(data_dir.glob("*.txt"))
     if not files:
         raise FileNotFoundError(f"no *.txt corpora in {data_dir}: pass --data pointing at the domain texts")
@@ -55,7 +64,9 @@ def read_domains(data_dir: Path, n_held_out: int) -> tuple[dict[str, list[str]],
         raise ValueError(f"{short} have at most {n_held_out} samples: nothing would be left to train on")
     train = {name: samples[:-n_held_out] for name, samples in texts.items()}
     held_out = {name: samples[-n_held_out:] for name, samples in texts.items()}
-    train |= {BUILTIN_PREFIX + name: samples for name, samples in builtin_corpora().items()}
+    generated = generate_sample_corpora(GENERATED_SEED, n_generated) if n_generated else {}
+    for name, samples in builtin_corpora().items():
+        train[BUILTIN_PREFIX + name] = samples + generated.get(name, "").splitlines()
     return train, held_out
 
 
@@ -293,11 +304,20 @@ def report_perplexities(model: HookedMoETransformer, corpora: dict[str, dict[str
             print(f"  {name:<20} loss {loss:.4f}  perplexity {math.exp(loss):8.2f}")
 
 
+@torch.no_grad()
+def round_to_bfloat16_(model: HookedMoETransformer) -> None:
+    """Round every weight to the nearest bfloat16 value, kept in the model's dtype, so that the
+    bfloat16 checkpoint holds exactly this model."""
+    for param in model.parameters():
+        param.copy_(param.to(torch.bfloat16))
+
+
 def save_and_verify(
     model: HookedMoETransformer, out: Path, hf_config: dict, probe: Int[torch.Tensor, "batch pos"]
 ) -> None:
-    """Save in the hub layout, load back through `from_pretrained` and require identical logits."""
-    save_hub_checkpoint(model, out, hf_config)
+    """Save in the hub layout with bfloat16 tensors, load back through `from_pretrained` (in
+    config.json's float32) and require identical logits (the weights are already rounded)."""
+    save_hub_checkpoint(model, out, hf_config, dtype=torch.bfloat16)
     reloaded = HookedMoETransformer.from_pretrained(out)
     model.eval()
     with torch.no_grad():
@@ -322,20 +342,21 @@ def parse_args() -> argparse.Namespace:
         help="intra-op threads; on a shared 2-core machine 2 threads spent ~6x the CPU time per step (spin-waiting)",
     )
     parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--d-mlp", type=int, default=512)
-    parser.add_argument("--d-expert", type=int, default=128)
+    parser.add_argument("--generated-samples", type=int, default=1500, help="extra generated samples per built-in domain")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--n-layers", type=int, default=6)
+    parser.add_argument("--n-heads", type=int, default=8)
+    parser.add_argument("--d-mlp", type=int, default=1024)
+    parser.add_argument("--d-expert", type=int, default=192)
     parser.add_argument("--n-shared-experts", type=int, default=2, help="shared width = this * d_expert")
     parser.add_argument("--n-experts", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--n-ctx", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--lr-min-ratio", type=float, default=0.1)
-    parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--aux-loss-alpha", type=float, default=0.01)
@@ -350,7 +371,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.time()
-    train_texts, held_out = read_domains(args.data, args.held_out)
+    train_texts, held_out = read_domains(args.data, args.held_out, args.generated_samples)
     tokenizer = train_tokenizer([t for texts in train_texts.values() for t in texts], args.vocab_size)
     streams = token_streams(tokenizer, train_texts)
     counts = ", ".join(f"{name} {len(stream)}" for name, stream in streams.items())
@@ -362,7 +383,8 @@ def main() -> None:
     sampler = WindowSampler(streams, args.n_ctx, tokenizer.bos_token_id, args.seed)
     train(model, sampler, held_out, args)
     print(f"\ntraining took {time.time() - started:.0f}s wall-clock, {time.process_time():.0f}s CPU time")
-    builtin = {name: texts for name, texts in train_texts.items() if name.startswith(BUILTIN_PREFIX)}
+    round_to_bfloat16_(model)
+    builtin = {BUILTIN_PREFIX + name: texts for name, texts in builtin_corpora().items()}
     report_perplexities(model, {"held-out": held_out, "built-in corpora (training text)": builtin})
     probe = model.to_tokens([texts[0] for texts in held_out.values()])[:, : args.n_ctx]
     save_and_verify(model, args.out, hub_config(model.cfg, args.aux_loss_alpha), probe)
