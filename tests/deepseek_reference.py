@@ -172,12 +172,14 @@ def write_checkpoint(
     """Save `config` and the reference's weights in the hub layout into `folder`.
 
     One `model.safetensors`, or with `n_shards > 1` the files
-    `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json`.
+    `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json`. With `dtype`, the
+    tensors are stored in it and config.json's `torch_dtype` says so (as `save_pretrained` does).
     """
     folder.mkdir(parents=True, exist_ok=True)
     tensors = hub_state_dict(reference)
     if dtype is not None:
         tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}
+        config = config | {"torch_dtype": str(dtype).removeprefix("torch.")}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if n_shards == 1:
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

@@ -115,7 +115,8 @@ def test_demo_checkpoint_is_deepseek_moe_in_the_hub_layout():
     assert tensors["model.layers.1.mlp.shared_experts.up_proj.weight"].shape == (shared_width, hidden)
     assert tensors["model.layers.0.mlp.gate_proj.weight"].shape == (config["intermediate_size"], hidden)
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in DEMO_DIR.iterdir()}
-    assert sum(p.stat().st_size for p in DEMO_DIR.iterdir()) < 20 * 2**20
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16} and config["torch_dtype"] == "float32"
+    assert sum(p.stat().st_size for p in DEMO_DIR.iterdir()) < 40 * 2**20
 
 
 def test_demo_loads_offline_by_its_reserved_name(demo, monkeypatch):
@@ -123,14 +124,16 @@ def test_demo_loads_offline_by_its_reserved_name(demo, monkeypatch):
     cfg = demo.cfg
     assert cfg.architecture == "deepseek" and cfg.moe_layers == tuple(range(1, cfg.n_layers))
     assert (cfg.n_experts, cfg.top_k, cfg.router_dtype, cfg.shared_expert_gated) == (16, 4, "model", False)
+    stored = load_file(DEMO_DIR / "model.safetensors")["model.layers.1.mlp.experts.3.up_proj.weight"]
+    assert cfg.dtype == torch.float32 and torch.equal(demo.blocks[1].mlp.experts.expert_weights(3)["W_up"], stored.float())
     assert demo.tokenizer is not None and demo.to_tokens("def f(x):")[0, 0] == demo.tokenizer.bos_token_id
 
 
 def test_demo_held_out_perplexity_is_far_below_uniform(demo, held_out):
     """Perplexity of the first 255 tokens of each of the 5 held-out samples per domain.
 
-    Measured: aime-math 28.6, arxiv 149.2, chinese 216.4, english 14.9, french-qa 129.0,
-    github 134.6, gsm8k 72.5, against 4096 for a uniform distribution over the vocabulary
+    Measured: aime-math 22.8, arxiv 104.7, chinese 157.4, english 12.8, french-qa 97.9,
+    github 122.0, gsm8k 47.2, against 4096 for a uniform distribution over the vocabulary
     (asserted: below 409.6).
     """
     measured = {domain: m.perplexity for domain, m in held_out.items()}
@@ -139,8 +142,8 @@ def test_demo_held_out_perplexity_is_far_below_uniform(demo, held_out):
 
 
 def test_demo_perplexity_on_builtin_corpora(demo, builtin):
-    """The built-in corpora were training text. Measured: chinese 88.2, code 76.4,
-    english 70.4, french 60.6, math 36.0 (asserted: below 409.6)."""
+    """The built-in corpora were training text (with more samples from the same generators).
+    Measured: chinese 7.0, code 1.8, english 2.7, french 2.4, math 3.5 (asserted: below 409.6)."""
     measured = {domain: m.perplexity for domain, m in builtin.items()}
     assert all(ppl < demo.cfg.d_vocab / 10 for ppl in measured.values()), measured
 
@@ -149,28 +152,83 @@ def test_demo_routing_differs_between_domains(demo, builtin):
     """Total-variation distance between the distributions of experts chosen on code and
     on Chinese (0: same routing, 1: disjoint experts).
 
-    Measured on the built-in corpora, per MoE layer 1, 2, 3: 0.34, 0.47, 0.46; between the
-    two halves of the code corpus (the noise floor): 0.036, 0.026, 0.013.
+    Measured on the built-in corpora, per MoE layer 1-5: 0.35, 0.26, 0.24, 0.20, 0.19; between
+    the two halves of the code corpus (the noise floor): 0.027, 0.035, 0.018, 0.023, 0.028.
     """
     code = builtin_corpora(["code"])["code"]
     half = len(code) // 2
     noise = total_variation(measure(demo, code[:half]).fractions, measure(demo, code[half:]).fractions)
     across = total_variation(builtin["code"].fractions, builtin["chinese"].fractions)
-    assert across.max() > 0.4
+    assert across.max() > 0.3
     assert (across > 5 * noise).all(), (across, noise)
 
 
 def test_demo_routing_differs_between_held_out_domains(held_out):
     """Total-variation distance of the routing (as above) on the held-out samples.
 
-    Measured: github vs chinese, per MoE layer 1, 2, 3: 0.31, 0.41, 0.46; the largest over
-    all domain pairs and layers: 0.57 (aime-math vs chinese, layer 3); the smallest pair
-    maximum: 0.29 (arxiv vs github).
+    Measured: github vs chinese, per MoE layer 1-5: 0.27, 0.22, 0.40, 0.30, 0.35; the largest
+    over all domain pairs and layers: 0.51 (arxiv vs chinese, layer 5); the smallest pair
+    maximum: 0.28 (aime-math vs gsm8k).
     """
     fractions = {domain: m.fractions for domain, m in held_out.items()}
-    assert total_variation(fractions["github"], fractions["chinese"]).max() > 0.4
+    assert total_variation(fractions["github"], fractions["chinese"]).max() > 0.3
     pair_maxima = [total_variation(p, q).max() for p, q in itertools.combinations(fractions.values(), 2)]
     assert max(pair_maxima) > 0.5 and min(pair_maxima) > 0.2
+
+
+def decode_probability(model: HookedMoETransformer, resid: torch.Tensor, token: int) -> float:
+    """The probability of `token` when the residual vector `resid` [d_model] is decoded as the
+    final residual stream (final norm, unembedding, softmax)."""
+    return model.unembed(model.ln_final(resid[None, None]))[0, 0].softmax(-1)[token].item()
+
+
+@torch.no_grad()
+def test_demo_top1_expert_carries_the_layer_update_the_notebook_states(demo):
+    """Notebook 03's statement, recomputed from the hooks: in "def factorial(n): total = 1 for i
+    in range(2, n + 1): total *= i return", layer 4's post-attention residual u decodes " total"
+    with probability 0.33, u + shared expert 0.37, + the highest-weighted routed expert 0.88,
+    + all four 0.97."""
+    tokens = demo.to_tokens("def factorial(n): total = 1 for i in range(2, n + 1): total *= i return")
+    _, cache = demo.run_with_cache(tokens)
+    answer = demo.to_single_token(" total")
+    u = cache["blocks.4.hook_resid_mid"][0, -1]
+    base = u + cache["blocks.4.mlp.hook_shared_out"][0, -1]
+    weights = cache["blocks.4.mlp.hook_topk_weights"][0, -1]
+    updates = weights[:, None] * cache["blocks.4.mlp.hook_expert_out"][0, -1]  # [k d_model]
+    by_weight = updates[weights.argsort(descending=True)]
+    probs = [decode_probability(demo, vector, answer) for vector in (u, base, base + by_weight[0], base + by_weight.sum(0))]
+    assert probs[0] < 0.5 and probs[1] < 0.5 and probs[2] > 0.8 and probs[3] > 0.9, probs
+    assert torch.allclose(base + by_weight.sum(0), cache["blocks.4.hook_resid_post"][0, -1], atol=1e-4)
+
+
+@torch.no_grad()
+def test_demo_one_expert_decides_the_prediction_the_notebook_ablates(demo):
+    """Notebook 04's statement, recomputed by hand: after "... find an old basket" the model
+    predicts " under" (runner-up " at"); expert 7 of layer 5 contributes 6.17 of the logit
+    difference 6.29 directly, and zeroing its routing weight at that position alone makes
+    another token the top prediction (the token's loss 0.007 -> 1.83 nats)."""
+    tokens = demo.to_tokens(builtin_corpora(["english"])["english"][0])[:, :48]
+    context = demo.to_tokens("Every spring, Victor and Daniel spend a week by the river bank and talk about rivers and "
+                             "lakes. Leo was relieved to find an old basket")
+    pos = context.shape[1] - 1
+    assert torch.equal(tokens[:, : pos + 1], context)
+    answer, runner_up = demo.to_single_token(" under"), demo.to_single_token(" at")
+    logits, cache = demo.run_with_cache(tokens)
+    assert logits[0, pos].topk(2).indices.tolist() == [answer, runner_up] and tokens[0, pos + 1] == answer
+    slot = int((cache["blocks.5.mlp.hook_topk_indices"][0, pos] == 7).nonzero()[0])
+    weighted = cache["blocks.5.mlp.hook_topk_weights"][0, pos, slot] * cache["blocks.5.mlp.hook_expert_out"][0, pos, slot]
+    direction = demo.tokens_to_residual_directions(answer) - demo.tokens_to_residual_directions(runner_up)
+    direct = (weighted / cache["ln_final.hook_scale"][0, pos]) @ direction
+    logit_diff = logits[0, pos, answer] - logits[0, pos, runner_up]
+    assert direct > 0.9 * logit_diff > 5, (direct, logit_diff)
+
+    def drop_expert_7(weights: torch.Tensor, hook) -> torch.Tensor:
+        weights[0, pos, slot] = 0.0
+        return weights
+
+    ablated = demo.run_with_hooks(tokens, fwd_hooks=[("blocks.5.mlp.hook_topk_weights", drop_expert_7)])
+    assert ablated[0, pos].argmax() != answer
+    assert ablated[0, pos].log_softmax(-1)[answer] < -1.0 < logits[0, pos].log_softmax(-1)[answer]
 
 
 # -------------------------------------------------------------------------------- exporter
