@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -229,6 +231,25 @@ def test_demo_one_expert_decides_the_prediction_the_notebook_ablates(demo):
     ablated = demo.run_with_hooks(tokens, fwd_hooks=[("blocks.5.mlp.hook_topk_weights", drop_expert_7)])
     assert ablated[0, pos].argmax() != answer
     assert ablated[0, pos].log_softmax(-1)[answer] < -1.0 < logits[0, pos].log_softmax(-1)[answer]
+
+
+def test_training_script_writes_a_bfloat16_checkpoint_that_loads_as_the_trained_model(tmp_path):
+    """A two-step run of scripts/train_demo_model.py at toy sizes: it trains, rounds the weights to
+    bfloat16, saves them so with config.json declaring float32, and checks the reload itself."""
+    if not DOMAINS.is_dir():
+        pytest.skip(f"{DOMAINS} is absent")
+    out = tmp_path / "demo"
+    toy = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-mlp", "64", "--d-expert", "16", "--steps", "2",
+           "--eval-every", "2", "--log-every", "1", "--eval-tokens", "64", "--generated-samples", "20",
+           "--vocab-size", "512", "--n-ctx", "64", "--batch-size", "2", "--held-out", "2"]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(out), "--data", str(DOMAINS), *toy],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "from_pretrained reproduces the logits exactly" in done.stdout
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    model = HookedMoETransformer.from_pretrained(out)
+    assert model.cfg.dtype == torch.float32 and model.cfg.n_layers == 2 and len(model.tokenizer) == 512
 
 
 # -------------------------------------------------------------------------------- exporter
