@@ -65,6 +65,13 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return resolved
 
 
+def _declared_dtype(raw_config: dict) -> torch.dtype | None:
+    """config.json's `dtype` (or older `torch_dtype`) when it names a dtype a model runs in."""
+    declared = raw_config.get("dtype") or raw_config.get("torch_dtype")
+    resolved = getattr(torch, declared, None) if isinstance(declared, str) else None
+    return resolved if resolved in MODEL_DTYPES else None
+
+
 def load_tokenizer(folder: Path):
     """The folder's tokenizer via `AutoTokenizer`, or None when the folder has none."""
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -115,7 +122,9 @@ def load_pretrained(
     raw = read_config(folder)
     arch = family(raw)
     files = safetensors_files(folder)
-    overrides = {"dtype": _as_dtype(dtype) or checkpoint_dtype(raw, files), "device": torch.device(device or default_device())}
+    # no dtype given: as transformers' dtype="auto", the declared one, else the stored tensors'
+    run_dtype = _as_dtype(dtype) or _declared_dtype(raw) or checkpoint_dtype(files)
+    overrides = {"dtype": run_dtype, "device": torch.device(device or default_device())}
     if router_dtype is not None:
         overrides["router_dtype"] = router_dtype
     cfg = dataclasses.replace(arch.config_from_hf(raw), **overrides)

@@ -29,8 +29,6 @@ FORMAT_DTYPE_BYTES = {
 """Bytes per element of every dtype the safetensors format defines (whether or not moe_hooked loads it)."""
 LOADABLE_DTYPES = ("F32", "F16", "BF16", "F64")
 """Checkpoint dtypes a floating-point parameter is read from."""
-CONFIG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-"""config.json `dtype` / `torch_dtype` values a model runs in by default."""
 MAX_HEADER_BYTES = 100 * 2**20
 
 
@@ -193,13 +191,8 @@ def _check_layout(path: Path, entries: dict[str, TensorEntry], data_start: int, 
         raise _damaged(path, f"{file_size - position} bytes follow the last tensor")
 
 
-def checkpoint_dtype(raw_config: dict, files: list[Path]) -> torch.dtype:
-    """The dtype a checkpoint runs in, as transformers' `dtype="auto"` chooses it: config.json's
-    `dtype` (or older `torch_dtype`) when it names a float dtype, else the dtype of the first
-    floating-point tensor."""
-    declared = raw_config.get("dtype") or raw_config.get("torch_dtype")
-    if declared in CONFIG_DTYPES:
-        return CONFIG_DTYPES[declared]
+def checkpoint_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype of the checkpoint's first floating-point tensor."""
     for entry in read_header(files[0]).values():
         if entry.format_dtype in LOADABLE_DTYPES:
             return entry.dtype
