@@ -260,6 +260,17 @@ class MoEConfig:
             raise ValueError(f"expert id {expert} is out of range: valid ids are 0..{self.n_experts - 1}")
         return expert
 
+    def resolve_experts(self, experts: int | Iterable[int] | None) -> list[int]:
+        """Routed-expert ids: all of them for None, else the one or many given, each checked
+        (`check_expert`) and distinct. An empty iterable gives an empty list."""
+        if experts is None:
+            return list(range(self.n_experts))
+        many = isinstance(experts, Iterable) and not (isinstance(experts, torch.Tensor) and experts.ndim == 0)
+        ids = [self.check_expert(e) for e in experts] if many else [self.check_expert(experts)]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"expert ids {ids} contain duplicates: give each expert once")
+        return ids
+
     def to_dict(self) -> dict:
         """A JSON-ready summary (no dtype objects, no original config)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "original_config"}

@@ -83,19 +83,11 @@ def _cfg(model: HookedMoETransformer | MoEConfig) -> MoEConfig:
     return cfg
 
 
-def _expert_ids(cfg: MoEConfig, experts: int | Iterable[int]) -> list[int]:
-    many = isinstance(experts, Iterable) and not (isinstance(experts, torch.Tensor) and experts.ndim == 0)
-    ids = [cfg.check_expert(e) for e in experts] if many else [cfg.check_expert(experts)]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"expert ids {ids} contain duplicates")
-    return ids
-
-
 def _expert_spec(cfg: MoEConfig, experts: Mapping[int, int | Iterable[int]]) -> dict[int, list[int]]:
     """`{layer: [expert ids]}` checked against the model; layers with no ids are dropped."""
     if not isinstance(experts, Mapping):
         raise TypeError(f"experts must be a dict {{layer: [expert ids]}}, got {type(experts).__name__}")
-    spec = {cfg.check_moe_layer(layer): _expert_ids(cfg, ids) for layer, ids in experts.items()}
+    spec = {cfg.check_moe_layer(layer): cfg.resolve_experts(ids) for layer, ids in experts.items()}
     return {layer: ids for layer, ids in spec.items() if ids}
 
 
@@ -414,7 +406,7 @@ def route_to(
     """
     cfg = _cfg(model)
     cfg.check_moe_layer(layer)
-    ids = _expert_ids(cfg, experts)
+    ids = cfg.resolve_experts(experts)
     positions = _check_positions(positions)
     if not 1 <= len(ids) <= cfg.top_k:
         raise ValueError(f"route_to takes 1..{cfg.top_k} experts (the model's top-k), got {len(ids)}")

@@ -109,6 +109,14 @@ def test_frequency_importance_correlation_is_spearmans_rho():
     assert np.isnan(frequency_importance_correlation(rows.assign(routed_fraction=0.25)))  # constant: undefined
 
 
+def test_one_expert_id_of_any_integer_type(model):
+    """One id, as an int, a numpy integer or a 0-d tensor, is the one-element list."""
+    kwargs = dict(layers=[model.cfg.moe_layers[0]], batch_size=2, progress=False, n_boot=50)
+    expected = expert_importance(model, CORPORA, experts=[1], **kwargs)
+    for one in (1, np.int64(1), torch.tensor(1)):
+        pd.testing.assert_frame_equal(expert_importance(model, CORPORA, experts=one, **kwargs), expected)
+
+
 def test_importance_bad_input(model):
     with pytest.raises(ValueError, match="unknown method"):
         expert_importance(model, CORPORA, method="gradient", progress=False)
@@ -116,8 +124,10 @@ def test_importance_bad_input(model):
         expert_importance(model, CORPORA, method="attribution", mode="reroute", progress=False)
     with pytest.raises(ValueError, match="unknown mode"):
         expert_importance(model, CORPORA, mode="mean", progress=False)
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ValueError, match="contain duplicates"):
         expert_importance(model, CORPORA, experts=[0, 0], progress=False)
+    with pytest.raises(ValueError, match="experts is empty"):
+        expert_importance(model, CORPORA, experts=[], progress=False)
     with pytest.raises(ValueError, match="expert"):
         expert_importance(model, CORPORA, experts=[model.cfg.n_experts], progress=False)
     with pytest.raises(ValueError, match="'code' is empty"):

@@ -186,10 +186,9 @@ def _check_options(model: HookedMoETransformer, method: str, mode: str, experts)
             "expert's weight); rerouting changes which experts are selected and has no such estimate: "
             "use method='ablation' with mode='reroute'"
         )
-    ids = range(model.cfg.n_experts) if experts is None else ([experts] if isinstance(experts, int) else experts)
-    ids = [model.cfg.check_expert(e) for e in ids]
-    if not ids or len(set(ids)) != len(ids):
-        raise ValueError(f"experts must be a non-empty list of distinct expert ids, got {ids}")
+    ids = model.cfg.resolve_experts(experts)
+    if not ids:
+        raise ValueError("experts is empty: give at least one expert id, or None for all of them")
     return ids
 
 
