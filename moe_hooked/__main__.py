@@ -3,6 +3,6 @@
 
 import sys
 
-from moe_hooked.cli import main
+from moe_hooked.cli import script
 
-sys.exit(main())
+sys.exit(script())

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,22 @@ def test_a_report_run_imports_neither_sympy_nor_scipy_stats(model_dir, corpus_fi
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.stdout.splitlines()[-1] == "0 []", done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_python_dash_m_skips_the_final_garbage_collection(tmp_path):
+    """`python -m moe_hooked` (like the console script, `cli.script`) freezes the GC after the
+    command, so the interpreter's shutdown does not search every object for cycles; the exit
+    status and the error message are main's."""
+    missing = tmp_path / "no-such-model"
+    code = ("import atexit, gc, runpy, sys; atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
+            f"sys.argv = ['moe_hooked', 'report', '--model', {str(missing)!r}]; "
+            "runpy.run_module('moe_hooked', run_name='__main__')")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "no-such-model" in done.stderr, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "frozen True"
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["moe-hooked"] == "moe_hooked.cli:script"
 
 
 def test_report_numbers(report, model):
