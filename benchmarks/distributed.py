@@ -29,7 +29,9 @@ from pathlib import Path
 
 from common import REPO, markdown_table, report
 
-REPORT_STAGES = ("routing statistics", "top-1 vs top-k cosine", "perplexity vs top-k", "pruning curve")
+REPORT_STAGES = (
+    "routing statistics", "top-1 vs top-k cosine", "perplexity vs top-k", "expert importance", "pruning curve"
+)
 
 
 def worker(tokens_per_domain: int) -> None:
@@ -124,7 +126,7 @@ def main() -> None:
                 print(rep, name, n, runs[name, n][-1], flush=True)
     rows = []
     for name, key, label in (("routing_stats", "seconds", "routing_stats (in-process timing)"),
-                             ("report", "analyses", "report: the 4 corpus-analysis stages"),
+                             ("report", "analyses", f"report: the {len(REPORT_STAGES)} corpus-analysis stages"),
                              ("report", "seconds", "report: whole command (start, load, analyses, files)")):
         one, two = (_median(runs[name, n], key) for n in (1, 2))
         tokens = runs[name, 1][0]["tokens"]

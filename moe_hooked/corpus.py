@@ -8,10 +8,11 @@ The corpus analyses (routing statistics, top-1 vs top-k cosine, ...) all walk
 When a ``torch.distributed`` process group is initialised (e.g. under ``torchrun``), the same
 code runs data-parallel, and this module is the only place that knows it:
 
-- :func:`corpus_batches` deals the global sequence of batches round-robin: rank ``r`` of ``W``
-  gets batches ``r, r + W, r + 2W, ...``; the union over ranks is exactly the single-process
-  sequence, and a rank may get none. Before dealing, the ranks compare a fingerprint of the
-  corpora, the options and the model (:func:`check_same_inputs`).
+- :func:`corpus_batches` deals the global sequence of batches by size: a few batches per rank
+  at a time, each to the rank with the fewest padded tokens so far (:func:`deal`), so no rank
+  has more than one batch's worth of work beyond another's; the union over ranks is exactly the
+  single-process sequence, and a rank may get none. Before dealing, the ranks compare a
+  fingerprint of the corpora, the options and the model (:func:`check_same_inputs`).
 - :func:`all_reduce_sums` is each analysis's final accumulation: sums over ranks, in float64 for
   floats and exact for integers, so every rank returns the single-process result.
 - :func:`gather_by_batch` collects per-batch values that are not sums (e.g. per-sequence losses
@@ -30,6 +31,7 @@ Without a process group nothing is exchanged and every function is the identity.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -83,9 +85,9 @@ def corpus_batches(
     progress bars.
 
     `batch.index` is the batch's position in the whole stream (all domains, all ranks).
-    In a process group (and with `split`), this rank gets only its share of the batches (global
-    batch `i`, counted over all domains in order, goes to rank `i % world_size`), after checking
-    that every rank has the same corpora, options and model; only rank 0 shows progress.
+    In a process group (and with `split`), this rank gets only its share of the batches, dealt by
+    their padded size (`deal(..., cost=batch.tokens.numel())`), after checking that every rank
+    has the same corpora, options and model; only rank 0 shows progress.
     `split=False` yields every batch on every rank and exchanges nothing (for work split by
     item with :func:`deal`, where each rank reads the whole corpus).
     """
@@ -98,8 +100,14 @@ def corpus_batches(
     progress = progress and is_main_process()
     batches = enumerate(_all_batches(model, corpora, max_length, batch_size, max_tokens, progress, what))
     device = model.W_E.device
-    for index, (d, batch) in deal(batches) if split else batches:
+    for index, (d, batch) in deal(batches, _padded_tokens) if split else batches:
         yield d, TokenBatch(batch.tokens.to(device), batch.attention_mask.to(device), batch.domain, index)
+
+
+def _padded_tokens(numbered_batch: tuple[int, tuple[int, TokenBatch]]) -> int:
+    """The cost of a batch for :func:`deal`: its tokens, padding included (the forward runs on all)."""
+    _, (_, batch) = numbered_batch
+    return batch.tokens.numel()
 
 
 def _all_batches(
@@ -149,9 +157,18 @@ def is_main_process() -> bool:
     return rank_and_world()[0] == 0
 
 
-def deal(items: Iterable[T]) -> Iterator[T]:
-    """This rank's share of `items`: item `i` goes to rank `i % world_size` (every item without a
-    process group). The shares are disjoint and their union is `items`; a rank may get none.
+DEAL_ROUNDS = 4
+"""`deal` balances `DEAL_ROUNDS * world_size` items at a time (the items it holds in memory)."""
+
+
+def deal(items: Iterable[T], cost: Callable[[T], float] | None = None) -> Iterator[T]:
+    """This rank's share of `items` (every item without a process group); every rank computes the
+    same split. Items are taken `DEAL_ROUNDS * world_size` at a time; within each such window, the
+    costliest first, each item goes to the rank whose share so far costs least (the lowest rank on
+    a tie), and this rank's items are yielded in their original order. So no rank's total cost
+    exceeds another's by more than the costliest item. `cost(item)` defaults to 1, which deals
+    item `i` to rank `i % world_size`. The shares are disjoint and their union is `items`; a rank
+    may get none.
 
     For work that is expensive per item rather than per token (one run per (layer, expert)):
     compute this rank's items, write each result into a zero-filled table, and sum the tables
@@ -160,9 +177,22 @@ def deal(items: Iterable[T]) -> Iterator[T]:
     :func:`check_same_inputs` of the corpora and options.
     """
     rank, world = rank_and_world()
-    for i, item in enumerate(items):
-        if i % world == rank:
-            yield item
+    items = iter(items)
+    loads = [0.0] * world
+    while window := list(itertools.islice(items, DEAL_ROUNDS * world)):
+        costs = [1.0 if cost is None else float(cost(item)) for item in window]
+        owners = _least_loaded_owners(costs, loads)
+        yield from (item for item, owner in zip(window, owners) if owner == rank)
+
+
+def _least_loaded_owners(costs: Sequence[float], loads: list[float]) -> list[int]:
+    """The rank of each item: costliest first (ties in order), each to the rank with the least
+    load (the lowest on a tie), whose load grows by the item's cost. Updates `loads` in place."""
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        owners[i] = min(range(len(loads)), key=loads.__getitem__)
+        loads[owners[i]] += costs[i]
+    return owners
 
 
 def all_reduce_sums(tensors: Sequence[torch.Tensor], what: str = "analysis") -> list[torch.Tensor]:
@@ -212,7 +242,7 @@ def gather_by_batch(per_batch: Mapping[int, T], what: str = "analysis") -> list[
 
 def map_over_ranks(function: Callable[[T], R], items: Sequence[T], what: str = "analysis") -> list[R]:
     """`[function(item) for item in items]` on every rank, each rank computing only its share
-    (item `i` on rank `i % world_size`, as :func:`deal` gives it), for work that is costly per
+    (item `i` on rank `i % world_size`: :func:`deal` without costs), for work that is costly per
     item and not a sum: e.g. drawing one figure each. Every rank gets every result, in item
     order; the results travel pickled (move tensors to the CPU). Without a process group: the
     plain list. Every rank must call it with the same items.

@@ -104,18 +104,23 @@ def _batches(model, setting: dict, monkeypatch, rank: int, world: int) -> list[t
     return [(d, batch.tokens) for d, batch in batches]
 
 
-def test_batches_are_dealt_round_robin_and_their_union_is_the_whole_corpus(model, monkeypatch):
+def test_batches_are_dealt_by_size_and_their_union_is_the_whole_corpus(model, monkeypatch):
     monkeypatch.setattr(corpus, "check_same_inputs", lambda *args, **kwargs: None)  # no other rank to ask
     sizes = {}
     for name, setting in worker.SETTINGS.items():
         everything = _batches(model, setting, monkeypatch, 0, 1)
         sizes[name] = len(everything)
         shares = [_batches(model, setting, monkeypatch, rank, 2) for rank in range(2)]
+        owner = {}  # position in the single-process stream -> rank; each share keeps the stream's order
         for rank, share in enumerate(shares):
-            expected = everything[rank::2]
-            assert [d for d, _ in share] == [d for d, _ in expected], name
-            assert all(torch.equal(a, b) for (_, a), (_, b) in zip(share, expected)), name
-        assert len(shares[0]) + len(shares[1]) == len(everything), name
+            start = 0
+            for d, tokens in share:
+                i = next(i for i in range(start, len(everything)) if everything[i][0] == d
+                         and torch.equal(everything[i][1], tokens))
+                owner[i], start = rank, i + 1
+        assert sorted(owner) == list(range(len(everything))), name  # disjoint, and together the whole corpus
+        padded = [sum(tokens.numel() for _, tokens in share) for share in shares]
+        assert abs(padded[0] - padded[1]) <= max(tokens.numel() for _, tokens in everything), name
     # the layouts the two-rank run covers: odd and even numbers of batches, a rank without any
     assert sizes["odd"] % 2 == 1 and sizes["even"] % 2 == 0 and sizes["single"] == 1
 
@@ -145,9 +150,21 @@ def test_map_over_ranks_deals_the_items_and_gives_every_rank_every_result(two_ra
 
 def test_deal_with_ranks(monkeypatch):
     monkeypatch.setattr(corpus, "rank_and_world", lambda: (1, 3))
-    assert list(deal("abcdefg")) == ["b", "e"]
+    assert list(deal("abcdefg")) == ["b", "e"]  # equal costs: item i to rank i % 3
+    assert list(deal(range(40)))[-3:] == [31, 34, 37]  # across windows of DEAL_ROUNDS * 3 items too
     monkeypatch.setattr(corpus, "rank_and_world", lambda: (2, 3))
     assert list(deal("ab")) == []
+
+
+@pytest.mark.parametrize(("costs", "shares"), [
+    ([5, 1, 1, 1, 1, 1], ([0], [1, 2, 3, 4, 5])),  # the big item outweighs the five small ones
+    ([1, 1, 4], ([2], [0, 1])),  # costliest first within the window, each share in item order
+    ([3, 3, 2, 2, 2], ([0, 2, 4], [1, 3])),  # 7 vs 5: apart by less than the costliest item (3)
+])
+def test_deal_by_cost_balances_the_shares(monkeypatch, costs, shares):
+    for rank, expected in enumerate(shares):
+        monkeypatch.setattr(corpus, "rank_and_world", lambda rank=rank: (rank, 2))
+        assert list(deal(range(len(costs)), cost=costs.__getitem__)) == expected
 
 
 # --------------------------------------------------------------------------- two gloo ranks
