@@ -7,7 +7,8 @@ Two measures, each run alternately with 1 and 2 processes (`--reps` rounds, medi
   rank 0 prints the tokens counted and the seconds between two synchronisations of all ranks;
 - the whole default report, `python -m moe_hooked report` against
   `torchrun --nproc-per-node 2 -m moe_hooked report`, timed from outside (process start, model
-  loading, every analysis, figures and files), plus the corpus-analysis stages from report.json.
+  loading, every analysis, figures and files), plus the corpus-analysis stages from report.json;
+  and `torchrun --nproc-per-node 1` against 2, which leaves out the launcher's own start.
 
 The machine's 1-minute load average is recorded before each run: other work on the machine
 takes cores from the runs, and then 2 processes cannot reach 2x.
@@ -83,13 +84,15 @@ def routing_run(n_processes: int, tokens_per_domain: int, cwd: Path) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def report_run(n_processes: int, cwd: Path) -> dict:
+def report_run(n_processes: int, cwd: Path, torchrun: bool = True) -> dict:
+    """The default report in `n_processes` under torchrun, or (`torchrun=False`, 1 process) with
+    `python -m moe_hooked`, as a user without torchrun runs it."""
     out = cwd / f"report_{n_processes}"
     args = ["report", "--out", str(out), "--overwrite"]
-    if n_processes == 1:
-        seconds, _ = _run([sys.executable, "-m", "moe_hooked", *args], cwd)
-    else:
+    if torchrun:
         seconds, _ = _run(_launch(n_processes, ["-m", "moe_hooked", *args]), cwd)
+    else:
+        seconds, _ = _run([sys.executable, "-m", "moe_hooked", *args], cwd)
     meta = json.loads((out / "report.json").read_text())
     counts = json.loads((out / "counts.json").read_text())
     assert meta["options"]["world_size"] == n_processes
@@ -106,6 +109,11 @@ def _busiest_cpu(group: list[dict]) -> float:
     return max(statistics.median(per_rank) for per_rank in zip(*(run["cpu"] for run in group)))
 
 
+def _row(label: str, tokens: int, one: float, two: float) -> tuple:
+    """A table row: seconds and tokens/s with 1 and 2 processes, and the speed-up."""
+    return (label, tokens, f"{one:.1f}", f"{tokens / one:.0f}", f"{two:.1f}", f"{tokens / two:.0f}", f"{one / two:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3, help="rounds of (1 process, 2 processes) per measure")
@@ -119,9 +127,13 @@ def main() -> None:
     runs: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
-            for name, n in (("routing_stats", 1), ("routing_stats", 2), ("report", 1), ("report", 2)):
+            for name, n in (("routing_stats", 1), ("routing_stats", 2), ("report", 1), ("torchrun report", 1),
+                            ("report", 2)):
                 load = os.getloadavg()[0]
-                run = routing_run(n, args.tokens, Path(tmp)) if name == "routing_stats" else report_run(n, Path(tmp))
+                if name == "routing_stats":
+                    run = routing_run(n, args.tokens, Path(tmp))
+                else:
+                    run = report_run(n, Path(tmp), torchrun=(name, n) != ("report", 1))
                 runs.setdefault((name, n), []).append({**run, "load": load})
                 print(rep, name, n, runs[name, n][-1], flush=True)
     rows = []
@@ -130,12 +142,14 @@ def main() -> None:
                              ("report", "seconds", "report: whole command (start, load, analyses, files)")):
         one, two = (_median(runs[name, n], key) for n in (1, 2))
         tokens = runs[name, 1][0]["tokens"]
-        rows.append((label, tokens, f"{one:.1f}", f"{tokens / one:.0f}", f"{two:.1f}", f"{tokens / two:.0f}",
-                     f"{one / two:.2f}x"))
+        rows.append(_row(label, tokens, one, two))
+    one, two = _median(runs["torchrun report", 1], "seconds"), _median(runs["report", 2], "seconds")
+    rows.append(_row("report: whole command, both under torchrun (1 process also pays the launcher)",
+                     runs["report", 1][0]["tokens"], one, two))
     tokens = runs["routing_stats", 1][0]["tokens"]
     one, two = (_busiest_cpu(runs["routing_stats", n]) for n in (1, 2))
-    rows.append(("routing_stats, CPU seconds of the busiest rank (the wall time on an idle machine)", tokens,
-                 f"{one:.1f}", f"{tokens / one:.0f}", f"{two:.1f}", f"{tokens / two:.0f}", f"{one / two:.2f}x"))
+    rows.append(_row("routing_stats, CPU seconds of the busiest rank (the wall time on an idle machine)", tokens,
+                     one, two))
     table = markdown_table(["measure", "corpus tokens", "1 process s", "tokens/s", "2 processes s", "tokens/s",
                             "speed-up"], rows)
     loads = [run["load"] for group in runs.values() for run in group]
@@ -143,7 +157,8 @@ def main() -> None:
         f"Medians of {args.reps} interleaved rounds; gloo, OMP_NUM_THREADS=1 (1 torch thread per process). "
         f"routing_stats: the built-in corpora repeated, {args.tokens} tokens per domain, timed between two "
         "synchronisations of all ranks after a warm-up. Report: the default `moe-hooked report` (demo model, "
-        "built-in corpora, 2048 tokens per domain per analysis); 1 process is `python -m moe_hooked report`, 2 are "
+        "built-in corpora, 2048 tokens per domain per analysis); 1 process is `python -m moe_hooked report` "
+        "(in the 'both under torchrun' row `torchrun --nproc-per-node 1 -m moe_hooked report`), 2 are "
         "`torchrun --nproc-per-node 2 -m moe_hooked report`; 'tokens' counts the corpus once (each analysis reads "
         f"it again). 1-minute load average before the runs: median {statistics.median(loads):.1f} "
         f"(min {min(loads):.1f}, max {max(loads):.1f}) on {os.cpu_count()} cores."
